@@ -1,0 +1,91 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+Megatron-Core's local ``DotProductAttention`` needs the CUDA RNG tracker even in eval and
+materialises the full ``[b, h, s, s]`` score matrix. This module has the same constructor
+and call contract (so it drops into a ``ModuleSpec`` as ``core_attention``) and lets
+PyTorch pick the kernel: flash / memory-efficient on GPU, the math kernel on CPU.
+
+Shapes follow Megatron: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]``,
+output ``[sq, b, np * hn]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism; use the Transformer Engine spec")
+        self.attn_mask_type = attn_mask_type
+        if pg_collection is not None and hasattr(pg_collection, "tp"):
+            tp_size = pg_collection.tp.size()
+        else:
+            from megatron.core import parallel_state
+
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.groups_per_partition = divide(config.num_query_groups, tp_size)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b = query.shape[0], query.shape[1]
+        sk = key.shape[0]
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.groups_per_partition != self.heads_per_partition:
+            repeat = self.heads_per_partition // self.groups_per_partition
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+
+        mask = None
+        is_causal = False
+        if attention_mask is not None:
+            # Megatron's convention: True marks a position that may NOT be attended to.
+            mask = ~attention_mask.to(torch.bool)
+        elif mask_type == AttnMaskType.causal:
+            if sq == sk:
+                is_causal = True
+            else:
+                # Decoding against a KV cache: query i sits at absolute position sk - sq + i.
+                # (SDPA's is_causal is top-left aligned, which would be wrong here.)
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        dropout = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
+        )
+        # [b, h, sq, d] -> [sq, b, h * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
