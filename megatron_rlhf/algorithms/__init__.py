@@ -1,0 +1,58 @@
+"""Pure-torch maths of the InstructGPT pipeline: SFT NLL, ranking loss (eq. 1), KL-shaped rewards,
+GAE, whitening, and PPO-ptx (eq. 2). No Megatron, no torch.distributed: shard-aware means take
+their global denominators as arguments.
+
+Mask convention: every ``*_mask`` is True/1 where a token COUNTS.
+Ranking convention: ``ranking[i]`` is the RANK of response i, 1 = best, equal ranks = tie.
+"""
+
+from .advantages import (
+    gae,
+    last_token_index,
+    masked_moments,
+    moments_to_mean_var,
+    shape_rewards,
+    whiten,
+    whiten_with_moments,
+)
+from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_per_token
+from .ppo import (
+    entropy_bonus,
+    entropy_from_logits,
+    policy_loss,
+    ppo_ptx_objective,
+    ptx_batch_size,
+    ptx_loss,
+    value_loss,
+)
+from .ranking import RankingPairs, build_ranking_pairs, ranking_loss, ranking_to_pairs
+from .sft import mask_denominator, masked_token_mean, sft_loss, token_logprobs_from_logits
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KL_ESTIMATORS",
+    "RankingPairs",
+    "build_ranking_pairs",
+    "entropy_bonus",
+    "entropy_from_logits",
+    "gae",
+    "kl_per_token",
+    "last_token_index",
+    "mask_denominator",
+    "masked_moments",
+    "masked_token_mean",
+    "moments_to_mean_var",
+    "policy_loss",
+    "ppo_ptx_objective",
+    "ptx_batch_size",
+    "ptx_loss",
+    "ranking_loss",
+    "ranking_to_pairs",
+    "sft_loss",
+    "shape_rewards",
+    "token_logprobs_from_logits",
+    "value_loss",
+    "whiten",
+    "whiten_with_moments",
+]

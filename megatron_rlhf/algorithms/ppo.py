@@ -1,0 +1,215 @@
+"""PPO-clip losses (Schulman et al. 2017) and the PPO-ptx objective (InstructGPT eq. 2).
+
+Token tensors are ``[batch, seq]``; ``mask`` is True on the response tokens that count. Every
+masked mean takes an optional ``num_tokens``: pass the global token count under data
+parallelism and the per-rank losses and metrics sum to the global means.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .kl import kl_per_token
+from .sft import TokenCount, masked_token_mean
+
+Metrics = Dict[str, torch.Tensor]
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    num_tokens: TokenCount = None,
+) -> Tuple[torch.Tensor, Metrics]:
+    """PPO-clip surrogate (Schulman et al. 2017, eq. 7), negated to be minimised.
+
+        ratio_t = exp(logprobs_t - old_logprobs_t)
+        loss_t  = -min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t)
+        loss    = masked mean of loss_t
+
+    Args:
+        logprobs: ``[batch, seq]`` current policy log-probs of the sampled tokens (with grad).
+        old_logprobs: ``[batch, seq]`` rollout-time log-probs (constants).
+        advantages: ``[batch, seq]`` (constants, usually whitened GAE).
+        mask: ``[batch, seq]``.
+        clip_eps: epsilon of the clip range.
+        num_tokens: global denominator (see module docstring).
+
+    Returns:
+        ``(loss, metrics)`` with detached masked means:
+        ``clipfrac``: fraction of tokens where the clipped term is the binding one (its
+        gradient is zero), i.e. ratio beyond 1+eps with A > 0 or below 1-eps with A < 0;
+        ``approx_kl``: KL(pi_old || pi) via the k3 estimator ``(r - 1) - log r``
+        (r = ratio), unbiased and >= 0 because tokens were sampled from pi_old;
+        ``ratio_mean``: mean importance ratio.
+    """
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    old_logprobs = old_logprobs.detach()
+    advantages = advantages.detach()
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+
+    with torch.no_grad():
+        clip_active = (clipped > unclipped).to(ratio.dtype)
+        metrics = {
+            "policy_loss": loss.detach(),
+            "clipfrac": masked_token_mean(clip_active, mask, num_tokens),
+            # KL(old || new): samples come from old, so old plays the "policy" role of k3
+            "approx_kl": masked_token_mean(kl_per_token(old_logprobs, logprobs, "k3"), mask, num_tokens),
+            "ratio_mean": masked_token_mean(ratio, mask, num_tokens),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: Optional[float] = 0.2,
+    num_tokens: TokenCount = None,
+) -> Tuple[torch.Tensor, Metrics]:
+    """Clipped value loss (the PPO2 baselines form used with Schulman et al. 2017).
+
+        v_clip_t = old_values_t + clip(values_t - old_values_t, -eps, +eps)
+        loss_t   = 0.5 * max((values_t - R_t)^2, (v_clip_t - R_t)^2)
+        loss     = masked mean of loss_t
+
+    Clipping bounds how far one PPO epoch can move the critic away from its rollout-time
+    prediction; ``clip_eps=None`` disables it (plain 0.5 * MSE).
+
+    Args:
+        values: ``[batch, seq]`` current critic predictions (with grad).
+        old_values: ``[batch, seq]`` rollout-time predictions (constants).
+        returns: ``[batch, seq]`` value targets, e.g. GAE returns (constants).
+        mask: ``[batch, seq]``.
+        clip_eps: absolute clip range in value units, or None.
+        num_tokens: global denominator.
+
+    Returns:
+        ``(loss, metrics)``: ``value_clipfrac`` (fraction of tokens where the clipped error
+        is the larger one), ``value_mean``, ``value_mse`` (unclipped mean squared error).
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    unclipped_sq = (values - returns).square()
+    if clip_eps is None:
+        clipped_sq = unclipped_sq
+    else:
+        if clip_eps <= 0:
+            raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
+        clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        clipped_sq = (clipped_values - returns).square()
+    loss = 0.5 * masked_token_mean(torch.maximum(unclipped_sq, clipped_sq), mask, num_tokens)
+
+    with torch.no_grad():
+        metrics = {
+            "value_loss": loss.detach(),
+            "value_clipfrac": masked_token_mean((clipped_sq > unclipped_sq).to(values.dtype), mask, num_tokens),
+            "value_mean": masked_token_mean(values, mask, num_tokens),
+            "value_mse": masked_token_mean(unclipped_sq, mask, num_tokens),
+        }
+    return loss, metrics
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` of ``[..., vocab]`` logits.
+
+    Only for a vocabulary held whole on one device; tensor-parallel (vocab-sharded) logits
+    need the reductions done across ranks. Returns ``[...]``.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, coef: float, num_tokens: TokenCount = None
+) -> Tuple[torch.Tensor, Metrics]:
+    """Loss term ``-coef * masked_mean(entropy)``; adding it to a loss rewards exploration.
+
+    Args:
+        entropy: ``[batch, seq]`` per-token entropy (e.g. ``entropy_from_logits``).
+        mask, num_tokens: as in ``policy_loss``.
+        coef: entropy coefficient (>= 0).
+
+    Returns:
+        ``(loss_term, {"entropy": mean entropy})``.
+    """
+    mean_entropy = masked_token_mean(entropy, mask, num_tokens)
+    return -coef * mean_entropy, {"entropy": mean_entropy.detach()}
+
+
+def ptx_loss(ptx_nll_mean: torch.Tensor, coef: float) -> torch.Tensor:
+    """Pretraining-mix term of InstructGPT eq. 2, ``gamma * NLL_pretrain`` (gamma = 27.8 there).
+
+    ``ptx_nll_mean`` is the masked mean next-token NLL on pretraining text (``sft.sft_loss``).
+    """
+    return coef * ptx_nll_mean
+
+
+def ppo_ptx_objective(
+    policy_loss: torch.Tensor,
+    ptx_nll: Optional[torch.Tensor] = None,
+    ptx_coef: float = 0.0,
+    entropy: Optional[torch.Tensor] = None,
+    entropy_coef: float = 0.0,
+) -> Tuple[torch.Tensor, Metrics]:
+    """The policy's PPO-ptx loss, InstructGPT eq. 2 negated for minimisation.
+
+        total = policy_loss - entropy_coef * entropy + ptx_coef * ptx_nll
+
+    The RL part of eq. 2 (reward minus beta * KL) enters through ``policy_loss``, since the KL
+    penalty is folded into the per-token rewards (``advantages.shape_rewards``). The critic is a
+    separate model in InstructGPT, so ``value_loss`` is not part of this sum.
+
+    Args:
+        policy_loss: scalar from ``policy_loss``.
+        ptx_nll: scalar mean pretraining NLL, or None for plain PPO.
+        ptx_coef: gamma (InstructGPT: 27.8).
+        entropy: scalar mean entropy, or None.
+        entropy_coef: entropy bonus coefficient.
+
+    Returns:
+        ``(total, metrics)`` with detached ``total_loss``, ``ptx_nll``, ``ptx_loss``, ``entropy``
+        (the latter three only when given).
+    """
+    total = policy_loss
+    metrics: Metrics = {}
+    if ptx_nll is not None:
+        ptx_term = ptx_loss(ptx_nll, ptx_coef)
+        total = total + ptx_term
+        metrics["ptx_nll"] = ptx_nll.detach()
+        metrics["ptx_loss"] = ptx_term.detach()
+    elif ptx_coef != 0.0:
+        raise ValueError(f"ptx_coef={ptx_coef} but no ptx_nll was given")
+    if entropy is not None:
+        total = total - entropy_coef * entropy
+        metrics["entropy"] = entropy.detach()
+    metrics["total_loss"] = total.detach()
+    return total, metrics
+
+
+def ptx_batch_size(num_episodes: int, ptx_ratio: float) -> int:
+    """Pretraining examples to mix with ``num_episodes`` RL episodes.
+
+    ``round(num_episodes * ptx_ratio)`` with halves rounded up (InstructGPT's PPO-ptx uses
+    8 pretraining examples per episode, i.e. ``ptx_ratio=8``). Any positive product gives at
+    least one example so a small ratio is not silently rounded away.
+    """
+    if isinstance(num_episodes, bool) or not isinstance(num_episodes, int) or num_episodes < 0:
+        raise ValueError(f"num_episodes must be a non-negative int, got {num_episodes!r}")
+    if ptx_ratio < 0:
+        raise ValueError(f"ptx_ratio must be >= 0, got {ptx_ratio}")
+    product = num_episodes * ptx_ratio
+    if product == 0:
+        return 0
+    # tolerance: 45 * 0.7 == 31.499999999999996 must still round like 31.5
+    return max(1, math.floor(product + 0.5 + 1e-9))
