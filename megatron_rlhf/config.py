@@ -113,6 +113,10 @@ class TrainConfig:
     eval_interval: int = 50  # steps between evaluations (0: only at the end)
     eval_max_batches: Optional[int] = None  # None: the whole validation set
     save_interval: int = 0  # steps between checkpoints (0: only at the end)
+    # model selection: checkpoint each evaluation that improves the validation metric and
+    # point checkpoints/best at it (later stages can start from <run>/checkpoints/best)
+    select_best: bool = True
+    keep_last: int = 0  # keep only this many newest checkpoints (0: all); "best" is always kept
     log_interval: int = 1
     seed: int = 1234
     tensorboard: bool = True

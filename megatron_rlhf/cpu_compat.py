@@ -11,11 +11,15 @@ inference. On a machine with no CUDA device, :func:`enable` makes those spots me
 * in the modules listed in ``_MODULES``, the module-level name ``torch`` is replaced by a
   proxy whose tensor factories map ``device="cuda"`` to the CPU and whose ``torch.cuda``
   offers no-op streams and events;
-* ``Tensor.cuda()`` returns the tensor itself.
+* ``Tensor.cuda()`` returns the tensor itself;
+* the optimizer's ``clip_grad_by_total_norm_fp32``, whose only CUDA tie is an assertion on
+  the tensor type string, is replaced by :func:`_clip_grads_cpu` (same maths: scale every
+  fp32 grad by ``max_norm / (total_norm + 1e-6)`` when that is below 1). The norm itself is
+  still Megatron's ``get_grad_norm_fp32`` (TP duplicates skipped, model-parallel all-reduce).
 
 Nothing here runs when CUDA is available: the GPU path is Megatron-Core untouched. What a
 shim cannot fix stays GPU-only and our code refuses it with a clear error: the distributed
-optimizer, BF16/FP16 optimizers, Megatron's grad clipping, sequence parallelism, FP8.
+optimizer, BF16/FP16 optimizers, sequence parallelism, FP8.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ _MODULES = (
     "megatron.core.dist_checkpointing.strategies.torch",
     "megatron.core.inference.contexts.static_context",
     "megatron.core.transformer.attention",
+    "megatron.core.utils",
 )
 
 _FACTORIES = frozenset(
@@ -165,6 +170,19 @@ class _TorchOnCpu:
         return attr
 
 
+def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    grads = []
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is not None:
+            if grad.dtype != torch.float32:
+                raise TypeError(f"gradient clipping on CPU expects fp32 grads, got {grad.dtype}")
+            grads.append(grad.detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
 def is_active() -> bool:
     return _enabled
 
@@ -192,5 +210,8 @@ def enable() -> bool:
                 continue
             if getattr(module, "torch", None) is torch:
                 module.torch = proxy
+        from megatron.core.optimizer import optimizer as mcore_optimizer
+
+        mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
         _enabled = True
         return True
