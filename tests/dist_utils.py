@@ -46,7 +46,12 @@ def _entry(rank, world_size, port, out_dir, fn, args):
         destroy_distributed()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300):
+def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs):
+    """Positional extra arguments, or ``args=(...)``, are passed to ``fn`` on every rank."""
+    if "args" in kwargs:
+        args = tuple(kwargs.pop("args")) + args
+    if kwargs:
+        raise TypeError(f"unexpected arguments {sorted(kwargs)}")
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=False, start_method="spawn"
