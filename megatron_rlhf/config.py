@@ -309,9 +309,23 @@ def _build(cls, raw: dict, prefix: str, source: str, base=None):
     return dataclasses.replace(obj, **updates)
 
 
+# Names users bring from other trainers (Hugging Face, NeMo, Megatron-LM flags).
+_ALIASES = {
+    "learning_rate": "lr", "max_lr": "lr", "train_iters": "max_steps", "max_iters": "max_steps",
+    "num_train_epochs": "epochs", "batch_size": "global_batch_size", "grad_clip": "clip_grad",
+    "max_grad_norm": "clip_grad", "warmup_steps": "lr_warmup_steps", "tp": "tensor_model_parallel_size",
+    "pp": "pipeline_model_parallel_size", "tensor_parallel_size": "tensor_model_parallel_size",
+    "pipeline_parallel_size": "pipeline_model_parallel_size", "max_seq_len": "seq_length",
+    "max_position_embeddings": "seq_length", "num_heads": "num_attention_heads", "n_layer": "num_layers",
+    "dropout": "hidden_dropout", "beta": "kl_coef", "init_kl_coef": "kl_coef", "ptx_loss_coef": "ptx_coef",
+}
+
+
 def _unknown_key(full_key, name, known, obj, source):
     candidates = list(known)
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    if _ALIASES.get(name) in candidates:
+        close = [_ALIASES[name]] + [c for c in close if c != _ALIASES[name]]
     # also look one level down, for a key put in the wrong section (e.g. model.lr)
     elsewhere = []
     for fname in candidates:

@@ -81,12 +81,6 @@ def _free_port() -> int:
 def check_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> int:
     """Validate TP/PP against the world size and the model; return the data-parallel size."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
-            f"pipeline_model_parallel_size ({pp}); launch a multiple of {tp * pp} processes "
-            f"or change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size"
-        )
     if model.num_attention_heads % tp:
         raise ConfigError(
             f"parallel.tensor_model_parallel_size={tp} does not divide model.num_attention_heads="
@@ -100,6 +94,12 @@ def check_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) 
     if model.num_layers % pp:
         raise ConfigError(
             f"parallel.pipeline_model_parallel_size={pp} does not divide model.num_layers={model.num_layers}"
+        )
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}); launch a multiple of {tp * pp} processes "
+            f"or change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size"
         )
     if parallel.sequence_parallel and not torch.cuda.is_available():
         raise ConfigError("parallel.sequence_parallel needs GPUs with Transformer Engine; set it to false on CPU")
