@@ -16,6 +16,11 @@ import sys
 import warnings
 
 
+# Exit status after SIGTERM/SIGUSR1: every rank saved a checkpoint at the end of its step and
+# rerunning the same command resumes (EX_TEMPFAIL). slurm/launch.sh requeues the job on it.
+EXIT_PREEMPTED = 75
+
+
 def _quiet() -> None:
     # Megatron warns at import that Apex/TE are missing: expected on CPU, noise in logs.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -63,7 +68,7 @@ def main(argv=None) -> int:
         destroy_distributed()
     if result.get("status") == "preempted":
         print(f"megatron-rlhf {args.command}: preempted at step {result['step']}; checkpoint saved", file=sys.stderr)
-    return 0
+    return EXIT_PREEMPTED if result.get("status") == "preempted" else 0
 
 
 def _delegate(command: str, argv: list) -> int:
