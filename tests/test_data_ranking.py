@@ -64,6 +64,7 @@ def test_all_formats(tmp_path):
     ({**GOOD, "ranking": None, "order": [0, 1, 3]}, "'order' index 3 is out of range"),
     ({**GOOD, "order": [0, 1, 2]}, 'need exactly one of "ranking"'),
     ({"prompt": "1", "responses": ["2", "3"]}, 'need exactly one of "ranking"'),
+    ({**GOOD, "ranking": None}, "unranked task: fill in ranking"),
     ({"responses": ["2", "3"], "ranking": [1, 2]}, "missing key 'prompt'"),
     ({**GOOD, "responses": ["20", " ", "23"]}, "responses[1] is empty"),
     ({**GOOD, "responses": ["20", 5, "23"]}, "responses[1] must be a string"),

@@ -77,6 +77,65 @@ def check_fields(record: dict, schema: Schema, path: PathLike, line: int, fix: s
             raise data_error(path, line, f"{key!r} is empty", fix)
 
 
+def _missing_file(path: PathLike) -> DataError:
+    what = "is a directory, not a file" if Path(path).is_dir() else "not found"
+    return data_error(
+        path, None, f"data file {what}",
+        "check the path in your config (data.train_path, data.valid_path, ppo.prompts_path, ...); "
+        "for the tiny example run `python examples/tiny/make_data.py`",
+    )
+
+
+def scan_jsonl(path: PathLike, fix: str = "", bar=None) -> Iterator[Tuple[int, Optional[dict], Optional[DataError]]]:
+    """Stream ``(line_number, record, error)`` over a JSONL file without stopping at a bad line.
+
+    Exactly one of ``record`` and ``error`` is set: ``error`` is the ``DataError`` (naming
+    ``path:line``) for non-UTF-8 bytes, malformed JSON or a line that is not an object.
+    Blank lines are skipped. For checkers that report every bad line at once
+    (``sample-for-ranking --check``, ``data-stats``); loaders use ``read_jsonl``. ``bar``
+    (a progress bar counting bytes, optional) is advanced by each line's size.
+
+    Raises:
+        DataError for a missing file (nothing to scan).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise _missing_file(path)
+    # binary mode so that a bad byte is reported with its line instead of a bare UnicodeDecodeError
+    with p.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if bar is not None:
+                bar.update(len(raw))
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, None, data_error(
+                    path, number, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})",
+                    f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > fixed.jsonl`",
+                )
+                continue
+            if number == 1:
+                text = text.lstrip("\ufeff")  # a UTF-8 byte-order mark some editors write
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, None, data_error(
+                    path, number, f"malformed JSON ({exc.msg} at column {exc.colno})",
+                    "each line must be one complete JSON object, e.g. {\"prompt\": \"...\"}; look for a missing "
+                    "quote, comma or brace, or a record split over several lines",
+                )
+                continue
+            if not isinstance(record, dict):
+                yield number, None, data_error(
+                    path, number, f"expected a JSON object, got {_describe(record)}",
+                    fix or "write one JSON object per line",
+                )
+                continue
+            yield number, record, None
+
+
 def read_jsonl(
     path: PathLike, schema: Optional[Schema] = None, fix: str = "", allow_empty: bool = False
 ) -> Iterator[Tuple[int, dict]]:
@@ -94,45 +153,13 @@ def read_jsonl(
         JSON, a line that is not an object, and (with ``schema``) a missing, empty or
         wrongly typed key.
     """
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "not found"
-        raise data_error(
-            path, None, f"data file {what}",
-            "check the path in your config (data.train_path, data.valid_path, ppo.prompts_path, ...); "
-            "for the tiny example run `python examples/tiny/make_data.py`",
-        )
     count = 0
-    # binary mode so that a bad byte is reported with its line instead of a bare UnicodeDecodeError
-    with p.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise data_error(
-                    path, number, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})",
-                    f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > fixed.jsonl`",
-                ) from None
-            if number == 1:
-                text = text.lstrip("\ufeff")  # a UTF-8 byte-order mark some editors write
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise data_error(
-                    path, number, f"malformed JSON ({exc.msg} at column {exc.colno})",
-                    "each line must be one complete JSON object, e.g. {\"prompt\": \"...\"}; look for a missing "
-                    "quote, comma or brace, or a record split over several lines",
-                ) from None
-            if not isinstance(record, dict):
-                raise data_error(
-                    path, number, f"expected a JSON object, got {_describe(record)}",
-                    fix or "write one JSON object per line",
-                )
-            if schema:
-                check_fields(record, schema, path, number, fix)
-            count += 1
-            yield number, record
+    for number, record, error in scan_jsonl(path, fix):
+        if error is not None:
+            raise error
+        if schema:
+            check_fields(record, schema, path, number, fix)
+        count += 1
+        yield number, record
     if count == 0 and not allow_empty:
         raise data_error(path, None, "no records (the file is empty or only blank lines)", fix or "add data")

@@ -10,7 +10,9 @@ Accepted line formats (one per line, mixable in one file; extra keys ignored):
   indices best first, a permutation of 0..K-1 (no ties). Converted to ranks.
 * ``{"prompt": str, "chosen": str, "rejected": str}``: K = 2, ranks [1, 2].
 
-A line with no strictly ordered pair (all tied) is an error: it teaches nothing.
+A line with no strictly ordered pair (all tied) is an error: it teaches nothing. So is
+an unranked task, ``"ranking": null`` as ``megatron-rlhf sample-for-ranking`` writes it
+("unranked task: fill in ranking").
 
 Each response becomes ``[bos] + prompt + response + [eos]``; the reward is read at the
 eos (``ComparisonBatch.last_index``). The whole sequence must fit in ``model.seq_length``.
@@ -27,9 +29,13 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .common import LoadStats, check_policy, pad_sequences, prompt_keep
-from .jsonl import check_fields, data_error, read_jsonl
+from .jsonl import DataError, check_fields, data_error, read_jsonl
 
 MIN_K, MAX_K = 2, 9
+UNRANKED_FIX = (
+    'a labeller replaces null with the rank of each response, e.g. "ranking": [2, 1, 3] (1 = best, equal = tie); '
+    "`megatron-rlhf sample-for-ranking --check FILE` lists every line still unranked"
+)
 RM_FIX = (
     'use {"prompt": str, "responses": [str, ...], "ranking": [rank per response, 1 = best]}, '
     'or "order": [response indices, best first] instead of "ranking", '
@@ -74,6 +80,12 @@ class ComparisonBatch(NamedTuple):
         return out
 
 
+class UnrankedTask(DataError):
+    """A ranking task as ``sample-for-ranking`` writes it (``"ranking": null``), not yet labelled.
+
+    Raised only after the prompt and responses were validated."""
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -102,6 +114,9 @@ def parse_comparison(record: dict, path, line: int) -> Tuple[str, List[str], Lis
             raise fail(f"responses[{i}] is empty")
 
     has_ranking, has_order = record.get("ranking") is not None, record.get("order") is not None
+    if "ranking" in record and not has_ranking and not has_order:
+        error = fail(f'unranked task: fill in ranking ("ranking" is null for these {k} responses)', UNRANKED_FIX)
+        raise UnrankedTask(str(error), error.path, error.line)
     if has_ranking == has_order:
         raise fail('need exactly one of "ranking" (ranks, 1 = best) and "order" (indices, best first)')
     key = "ranking" if has_ranking else "order"
@@ -138,6 +153,24 @@ def parse_comparison(record: dict, path, line: int) -> Tuple[str, List[str], Lis
     return record["prompt"], list(responses), list(values)
 
 
+def fit_comparison(prompt_len: int, longest: int, seq_length: int, truncation: str) -> Tuple[str, int]:
+    """How one comparison fits ``seq_length`` -> ``(outcome, prompt tokens kept)``.
+
+    ``longest`` is the longest response in tokens, eos included; the sequence is
+    ``[bos] + prompt + response``. ``outcome`` is "fits", "truncated" (``prompt_left`` cut
+    the oldest prompt tokens), "dropped", or "error" (too long under ``truncation=error``).
+    Shared by ``load_comparisons`` and ``data-stats`` so their counts agree.
+    """
+    if 1 + prompt_len + longest <= seq_length:
+        return "fits", prompt_len
+    if truncation == "error":
+        return "error", prompt_len
+    keep = prompt_keep(prompt_len, longest - 1, seq_length)
+    if truncation == "drop" or 1 + keep + longest > seq_length:
+        return "dropped", 0
+    return "truncated", keep
+
+
 def load_comparisons(
     path, tokenizer, seq_length: int, truncation: str = "prompt_left"
 ) -> Tuple[List[ComparisonExample], LoadStats]:
@@ -155,18 +188,17 @@ def load_comparisons(
         prompt = tokenizer.encode(prompt_text)
         responses = [tokenizer.encode(r) + [eos] for r in response_texts]
         longest = max(len(r) for r in responses)  # eos included
-        length = 1 + len(prompt) + longest
-        if length > seq_length:
-            if truncation == "error":
-                raise data_error(
-                    path, line, f"comparison too long: {length} tokens > model.seq_length={seq_length}",
-                    "raise model.seq_length, shorten the example, or set data.truncation=prompt_left (or drop)",
-                )
-            keep = prompt_keep(len(prompt), longest - 1, seq_length)
-            if truncation == "drop" or 1 + keep + longest > seq_length:
-                stats.dropped += 1
-                stats.note(f"{path}:{line}")
-                continue
+        outcome, keep = fit_comparison(len(prompt), longest, seq_length, truncation)
+        if outcome == "error":
+            raise data_error(
+                path, line, f"comparison too long: {1 + len(prompt) + longest} tokens > model.seq_length={seq_length}",
+                "raise model.seq_length, shorten the example, or set data.truncation=prompt_left (or drop)",
+            )
+        if outcome == "dropped":
+            stats.dropped += 1
+            stats.note(f"{path}:{line}")
+            continue
+        if outcome == "truncated":
             prompt = prompt[len(prompt) - keep :]
             stats.truncated += 1
             stats.note(f"{path}:{line}")
