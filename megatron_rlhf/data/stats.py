@@ -1,0 +1,348 @@
+"""``megatron-rlhf data-stats``: counts, token lengths and truncation of any of our JSONL files.
+
+    megatron-rlhf data-stats FILE.jsonl [FILE ...] (--tokenizer T | --config CFG.yaml)
+                             [--seq-length N] [--truncation prompt_left|drop|error] [--max-new-tokens M]
+                             [--format auto|sft|ranking|pairwise|prompts|pretrain] [--json] [--no-progress]
+
+Formats (``auto``, the default, takes the format of the first valid line):
+
+* ``sft``: ``{"prompt", "response"}`` demonstrations;
+* ``ranking``: ``{"prompt", "responses", "ranking" | "order"}`` K-way comparisons, including
+  unranked tasks from ``sample-for-ranking`` (counted as such: the RM refuses them);
+* ``pairwise``: ``{"prompt", "chosen", "rejected"}`` (a ranking file may mix both, as the RM
+  loader allows);
+* ``prompts``: ``{"prompt"}`` for PPO or generation;
+* ``pretrain``: ``{"text"}`` for the ptx term.
+
+Token lengths (min, p50, p90, p99, max, mean; nearest-rank percentiles) are given for prompts,
+responses and whole sequences (``[bos] + prompt + response + [eos]``; each response of a
+comparison is a sequence). With a context (``--seq-length`` or the config's ``model.seq_length``)
+each record is put through the SAME rule as the stage's loader (``data.truncation``) and counted
+as fits / truncated / dropped / error (under ``truncation=error``, or a prompt over the
+``seq_length - max_new_tokens`` budget: the run would stop there), with the first ``file:line``
+of each. Pretraining text is never cut; its count of ``seq_length + 1`` chunks is given.
+
+``--config`` reads ``model.tokenizer``, ``model.seq_length``, ``data.truncation`` and
+``ppo.max_new_tokens`` from a stage config; explicit flags win. A line that is not valid for
+the format is counted and its ``file:line: problem`` shown. Exit status: 0, 1 when some lines
+are invalid (the statistics cover the valid ones), 2 when nothing could be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+FORMATS = ("sft", "ranking", "pairwise", "prompts", "pretrain")
+PERCENTILES = (50, 90, 99)
+MAX_EXAMPLES = 5
+# Which formats may share a file: the RM loader takes K-way and pairwise lines mixed.
+COMPATIBLE = {"ranking": {"ranking", "pairwise"}, "pairwise": {"ranking", "pairwise"}}
+
+
+def percentile(sorted_values: List[int], p: float) -> int:
+    """Nearest-rank percentile of an ascending list: the smallest value with at least p% of
+    the values <= it (p50 of 1..100 is 50, p99 is 99)."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def summarize(values: List[int]) -> Optional[dict]:
+    if not values:
+        return None
+    v = sorted(values)
+    out = {"count": len(v), "min": v[0]}
+    out.update({f"p{p}": percentile(v, p) for p in PERCENTILES})
+    out.update(max=v[-1], mean=round(sum(v) / len(v), 2))
+    return out
+
+
+def line_kind(record: dict) -> Optional[str]:
+    """The format a record looks like, from its keys."""
+    if "chosen" in record or "rejected" in record:
+        return "pairwise"
+    if "responses" in record:
+        return "ranking"
+    if "response" in record:
+        return "sft"
+    if "prompt" in record:
+        return "prompts"
+    if "text" in record:
+        return "pretrain"
+    return None
+
+
+class Collector:
+    """Accumulates one file's statistics as its lines stream past."""
+
+    def __init__(self, path: str, fmt: str, tokenizer, seq_length: Optional[int], truncation: str, max_new_tokens: Optional[int]):
+        self.path, self.format = path, fmt
+        self.tok, self.seq_length, self.truncation, self.max_new_tokens = tokenizer, seq_length, truncation, max_new_tokens
+        self.lines = 0
+        self.kinds: Counter = Counter()
+        self.invalid = 0
+        self.invalid_examples: List[str] = []
+        self.unranked = 0
+        self.k_counts: Counter = Counter()
+        self.lengths: Dict[str, List[int]] = {"prompt": [], "response": [], "total": []}
+        self.outcomes: Counter = Counter()
+        self.outcome_examples: Dict[str, List[str]] = {}
+        self.stream_tokens = 0  # pretraining: bos + text + eos over all documents
+
+    def bad(self, message: str) -> None:
+        self.invalid += 1
+        if len(self.invalid_examples) < MAX_EXAMPLES:
+            self.invalid_examples.append(message)
+
+    def outcome(self, what: str, line: int) -> None:
+        self.outcomes[what] += 1
+        if what != "fits":
+            examples = self.outcome_examples.setdefault(what, [])
+            if len(examples) < MAX_EXAMPLES:
+                examples.append(f"{self.path}:{line}")
+
+    def add(self, line: int, record: dict) -> None:
+        from .jsonl import DataError, check_fields
+        from .prompts import PROMPT_FIX, TEXT_FIX
+        from .ranking import UnrankedTask, parse_comparison
+        from .sft import SFT_FIX
+
+        kind = line_kind(record)
+        if self.format == "auto":
+            if kind is None:
+                keys = ", ".join(repr(k) for k in record) or "none"
+                self.bad(f"{self.path}:{line}: no known format (keys present: {keys}); expected one of {', '.join(FORMATS)}")
+                return
+            self.format = kind
+        allowed = COMPATIBLE.get(self.format, {self.format})
+        if kind not in allowed:
+            self.bad(f"{self.path}:{line}: looks like a {kind or 'unknown'} line, but the file is {self.format}")
+            return
+        try:
+            if kind in ("ranking", "pairwise"):
+                try:
+                    prompt, responses, _ = parse_comparison(record, self.path, line)
+                except UnrankedTask:
+                    self.unranked += 1
+                    prompt, responses = record["prompt"], record["responses"]
+            elif kind == "sft":
+                check_fields(record, {"prompt": str, "response": str}, self.path, line, SFT_FIX)
+                prompt, responses = record["prompt"], [record["response"]]
+            elif kind == "prompts":
+                check_fields(record, {"prompt": str}, self.path, line, PROMPT_FIX)
+                prompt, responses = record["prompt"], []
+            else:
+                check_fields(record, {"text": str}, self.path, line, TEXT_FIX)
+                prompt, responses = None, [record["text"]]
+        except DataError as exc:
+            self.bad(str(exc).split("\n")[0])
+            return
+        self.kinds[kind] += 1
+        self._measure(line, kind, prompt, responses)
+
+    def _measure(self, line: int, kind: str, prompt: Optional[str], responses: List[str]) -> None:
+        from .prompts import prompt_budget
+        from .ranking import fit_comparison
+        from .sft import build_sft_example
+
+        tok = self.tok
+        if kind == "pretrain":
+            n = len(tok.encode(responses[0]))
+            self.lengths["response"].append(n)
+            self.lengths["total"].append(n + 2)
+            self.stream_tokens += n + 2
+            return
+        p = tok.encode(prompt)
+        self.lengths["prompt"].append(len(p))
+        if kind == "prompts":
+            self.lengths["total"].append(1 + len(p))
+            if self.seq_length is not None and self.max_new_tokens is not None:
+                budget = prompt_budget(self.seq_length, self.max_new_tokens)
+                self.outcome("fits" if 1 + len(p) <= budget else "error", line)
+            return
+        rs = [tok.encode(r) for r in responses]
+        for r in rs:
+            self.lengths["response"].append(len(r))
+            self.lengths["total"].append(2 + len(p) + len(r))
+        if kind == "sft":
+            if self.seq_length is not None:
+                try:
+                    example, truncated = build_sft_example(p, rs[0], tok.bos_id, tok.eos_id, self.seq_length + 1, self.truncation)
+                    self.outcome("dropped" if example is None else "truncated" if truncated else "fits", line)
+                except ValueError:
+                    self.outcome("error", line)
+            return
+        self.k_counts[len(rs)] += 1
+        if self.seq_length is not None:
+            self.outcome(fit_comparison(len(p), 1 + max(len(r) for r in rs), self.seq_length, self.truncation)[0], line)
+
+    def result(self) -> dict:
+        fmt = self.format
+        if fmt in ("ranking", "pairwise") and self.kinds["ranking"] and self.kinds["pairwise"]:
+            fmt = "ranking+pairwise"
+        labels = {"sft": ("prompt", "response", "total"), "ranking": ("prompt", "response", "total"),
+                  "pairwise": ("prompt", "response", "total"), "prompts": ("prompt", "total"), "pretrain": ("response", "total")}
+        names = labels.get(self.format, ())
+        tokens = {("text" if self.format == "pretrain" and k == "response" else k): summarize(self.lengths[k]) for k in names}
+        out = {
+            "path": self.path, "format": fmt, "lines": self.lines, "records": sum(self.kinds.values()),
+            "invalid": self.invalid, "invalid_examples": self.invalid_examples,
+            "tokenizer": getattr(self.tok, "source", None), "tokens": tokens,
+        }
+        if self.format in ("ranking", "pairwise"):
+            out["pairwise_lines"] = self.kinds["pairwise"]
+            out["unranked"] = self.unranked
+            out["responses_per_prompt"] = {str(k): n for k, n in sorted(self.k_counts.items())}
+        context = None
+        if self.seq_length is not None:
+            context = {"seq_length": self.seq_length}
+            if self.format == "pretrain":
+                context["chunks"] = max(0, math.ceil((self.stream_tokens - 1) / self.seq_length))
+            elif self.format == "prompts":
+                context["max_new_tokens"] = self.max_new_tokens
+                if self.max_new_tokens is not None:
+                    context["prompt_budget"] = self.seq_length - self.max_new_tokens
+            else:
+                context["truncation"] = self.truncation
+                context["limit"] = self.seq_length + 1 if self.format == "sft" else self.seq_length
+            if self.format != "pretrain" and (self.format != "prompts" or self.max_new_tokens is not None):
+                for what in ("fits", "truncated", "dropped", "error"):
+                    context[what] = self.outcomes[what]
+                context["examples"] = self.outcome_examples
+        out["context"] = context
+        return out
+
+
+def collect(path: str, fmt: str, tokenizer, seq_length=None, truncation="prompt_left", max_new_tokens=None, show_progress=True) -> dict:
+    """Statistics of one file (see the module docstring); raises DataError if it cannot be read."""
+    from megatron_rlhf.progress import progress
+
+    from .jsonl import scan_jsonl
+
+    c = Collector(str(path), fmt, tokenizer, seq_length, truncation, max_new_tokens)
+    size = os.path.getsize(path) if Path(path).is_file() else None
+    bar = progress(size, f"data-stats {Path(path).name}", "B", enable=show_progress, unit_scale=True)
+    try:
+        for line, record, error in scan_jsonl(path, bar=bar):
+            c.lines += 1
+            if error is not None:
+                c.bad(str(error).split("\n")[0])
+            else:
+                c.add(line, record)
+    finally:
+        bar.close()
+    return c.result()
+
+
+def format_text(stats: dict) -> str:
+    out = []
+    invalid = f", {stats['invalid']} invalid" if stats["invalid"] else ""
+    out.append(f"{stats['path']}: {stats['format']}, {stats['records']} records{invalid}")
+    if "responses_per_prompt" in stats:
+        ks = ", ".join(f"K={k}: {n}" for k, n in stats["responses_per_prompt"].items())
+        extra = f"; {stats['pairwise_lines']} pairwise lines" if stats["pairwise_lines"] and stats["format"] != "pairwise" else ""
+        out.append(f"  responses per prompt: {ks}{extra}")
+        if stats["unranked"]:
+            out.append(f"  UNRANKED tasks: {stats['unranked']} (the reward model refuses them: fill in \"ranking\")")
+    out.append(f"  tokens ({stats['tokenizer']}):")
+    cols = ["min", *(f"p{p}" for p in PERCENTILES), "max", "mean"]
+    out.append("    " + f"{'':<10}" + "".join(f"{c:>8}" for c in cols))
+    described = {"prompt": "prompt", "response": "response", "text": "text", "total": "sequence"}
+    for key, summary in stats["tokens"].items():
+        if summary:
+            out.append("    " + f"{described[key]:<10}" + "".join(f"{summary[c]:>8}" for c in cols))
+    shape = {"prompts": "[bos] + prompt", "pretrain": "[bos] + text + [eos]"}.get(stats["format"], "[bos] + prompt + response + [eos]")
+    out.append(f"    (sequence = {shape}" + ("; one per response)" if "responses_per_prompt" in stats else ")"))
+    ctx = stats["context"]
+    if ctx is None:
+        out.append("  truncation: give --seq-length (or --config) to see what the loader would cut")
+    elif stats["format"] == "pretrain":
+        out.append(f"  at seq_length={ctx['seq_length']}: {ctx['chunks']} chunks of {ctx['seq_length'] + 1} tokens (pretraining text is never cut)")
+    elif stats["format"] == "prompts":
+        if ctx.get("max_new_tokens") is None:
+            out.append("  prompt budget: give --max-new-tokens (or a PPO --config) to count prompts too long to sample from")
+        else:
+            out.append(f"  at seq_length={ctx['seq_length']}, max_new_tokens={ctx['max_new_tokens']} "
+                       f"(prompts up to {ctx['prompt_budget']} tokens, bos included): {ctx['fits']} fit, "
+                       f"{ctx['error']} too long (the loader stops on them)")
+    else:
+        out.append(f"  at seq_length={ctx['seq_length']}, truncation={ctx['truncation']} (sequences up to {ctx['limit']} tokens): "
+                   f"{ctx['fits']} fit, {ctx['truncated']} truncated, {ctx['dropped']} dropped"
+                   + (f", {ctx['error']} stop the run (truncation=error)" if ctx["error"] else ""))
+    if ctx:
+        for what, where in ctx.get("examples", {}).items():
+            out.append(f"    {what}: e.g. {', '.join(where)}")
+    for message in stats["invalid_examples"]:
+        out.append(f"  invalid: {message}")
+    if stats["invalid"] > len(stats["invalid_examples"]):
+        out.append(f"  ... and {stats['invalid'] - len(stats['invalid_examples'])} more invalid lines")
+    return "\n".join(out)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="megatron-rlhf data-stats", description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    p.add_argument("--config", help="stage config: model.tokenizer, model.seq_length, data.truncation, ppo.max_new_tokens")
+    p.add_argument("--tokenizer", help="SentencePiece model, or a checkpoint folder holding tokenizer.model")
+    p.add_argument("--seq-length", type=int, help="context to check truncation against (model.seq_length)")
+    p.add_argument("--truncation", choices=("prompt_left", "drop", "error"), help="data.truncation (default prompt_left)")
+    p.add_argument("--max-new-tokens", type=int, help="for prompt files: the response budget (ppo.max_new_tokens)")
+    p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_rlhf.config import ConfigError, load_config
+    from megatron_rlhf.training.checkpoint import CheckpointError
+
+    from .jsonl import DataError
+    from .tokenizer import Tokenizer
+
+    try:
+        tokenizer_path, seq_length, truncation, max_new_tokens = args.tokenizer, args.seq_length, args.truncation, args.max_new_tokens
+        if args.config:
+            cfg = load_config(args.config)
+            tokenizer_path = tokenizer_path or cfg.model.tokenizer
+            seq_length = seq_length if seq_length is not None else cfg.model.seq_length
+            truncation = truncation or cfg.data.truncation
+            if max_new_tokens is None and cfg.stage == "ppo":
+                max_new_tokens = cfg.ppo.max_new_tokens
+        if not tokenizer_path:
+            raise ConfigError("data-stats needs a tokenizer: --tokenizer PATH.model (or a checkpoint folder), or --config CFG.yaml")
+        if Path(tokenizer_path).is_dir() and not (Path(tokenizer_path) / "tokenizer.model").is_file():
+            from megatron_rlhf.training.checkpoint import resolve_checkpoint
+
+            tokenizer_path = str(resolve_checkpoint(tokenizer_path))  # a run's output_dir or checkpoints/
+        if Path(tokenizer_path).is_dir():
+            tokenizer_path = str(Path(tokenizer_path) / "tokenizer.model")
+        tokenizer = Tokenizer.load(tokenizer_path)
+        if seq_length is not None and seq_length < 2:
+            raise ConfigError(f"--seq-length {seq_length} must be >= 2")
+        if max_new_tokens is not None and seq_length is not None and seq_length - max_new_tokens < 2:
+            raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in --seq-length {seq_length}")
+        results = [collect(f, args.format, tokenizer, seq_length, truncation or "prompt_left", max_new_tokens, not args.no_progress)
+                   for f in args.files]
+    except (ConfigError, DataError, CheckpointError, OSError) as exc:
+        print(f"megatron-rlhf data-stats: error: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    for stats in results:
+        print(json.dumps(stats) if args.json else format_text(stats))
+        if stats["records"] == 0:
+            what = "" if args.format == "auto" else f" {args.format}"
+            print(f"megatron-rlhf data-stats: error: {stats['path']}: no valid{what} records", file=sys.stderr)
+            status = 2
+        elif stats["invalid"]:
+            status = max(status, 1)
+    return status
