@@ -34,6 +34,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--output", help="JSONL file to write (default: stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal anyway)")
     return p
 
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     from megatron_rlhf.data import DataError, load_prompts, prompt_budget
     from megatron_rlhf.models.generation import generate
     from megatron_rlhf.parallel import is_rank0
+    from megatron_rlhf.progress import progress
     from megatron_rlhf.training.checkpoint import CheckpointError
 
     try:
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
         return 2
     generator = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(args.seed)
     out = open(args.output, "w", encoding="utf-8") if args.output and is_rank0() else None
+    bar = progress(args.num_samples * len(prompts), "generate", "sample", enable=not args.no_progress)
     try:
         for sample in range(args.num_samples):
             for start in range(0, len(prompts), args.batch_size):
@@ -97,7 +100,9 @@ def main(argv=None) -> int:
                               "tokens": response, "finished": gen.finished[i]}
                     if is_rank0():
                         print(json.dumps(record), file=out or sys.stdout)
+                bar.update(len(gen.responses))
     finally:
+        bar.close()
         if out:
             out.close()
     return 0
