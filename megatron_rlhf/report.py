@@ -5,6 +5,10 @@ with a metrics.jsonl are reported after them) or is itself one stage folder.
 Each stage has metrics.jsonl (one JSON object per line with "step" and metric
 keys; a line may carry only some keys) and config.yaml. Writes one PNG per
 stage and summary.md into --out (default RUN_DIR/report).
+
+Related curves share a panel (training vs held-out, chosen vs rejected reward, the
+PPO timings, the learning rates; see PANEL_GROUPS); a metric logged at one step only
+(the RM's normalisation bias) is in the summary table, not plotted.
 """
 from __future__ import annotations
 
@@ -39,8 +43,48 @@ TITLES = {
     "time/generate_s": "generation time (s)", "time/score_s": "scoring time (s)",
     "time/train_s": "training time (s)",
 }
+TITLES.update({
+    "grad_norm": "gradient norm (before clipping)", "step_time_s": "time per step (s)",
+    "critic_lr": "critic learning rate", "policy/policy_loss": "PPO clipped-surrogate loss",
+    "value/clipfrac": "value clip fraction", "rollout/kl_coef": "KL coefficient (beta)",
+    "rollout/non_score_reward": "KL penalty in the reward", "train/margin": "chosen - rejected reward",
+    "train/chosen_reward": "reward of chosen", "train/rejected_reward": "reward of rejected",
+})
+# Metrics drawn together in one panel, when at least two of them are logged: (title, y label, keys).
+# Any other train/X with an eval/X is drawn together too ("X: training vs held-out").
+PANEL_GROUPS = (
+    ("loss: training vs held-out", "loss", ("train/loss", "eval/loss")),
+    ("pair accuracy: training vs held-out", "accuracy", ("train/accuracy", "eval/accuracy")),
+    ("reward of chosen vs rejected", "reward",
+     ("train/chosen_reward", "train/rejected_reward", "eval/chosen_reward", "eval/rejected_reward")),
+    ("chosen - rejected reward (margin)", "reward margin", ("train/margin", "eval/margin")),
+    ("time per iteration (s)", "seconds", ("time/generate_s", "time/score_s", "time/train_s")),
+    ("learning rates", "learning rate", ("lr", "critic_lr")),
+)
+LINE_LABELS = {"lr": "policy / model", "critic_lr": "critic"}
 MAX_PANELS = 30  # beyond this a figure is unreadable; the rest are listed in summary.md
 NCOLS = 3
+
+
+@dataclass
+class Panel:
+    title: str
+    ylabel: str
+    keys: list
+
+
+def line_label(key: str, keys: Sequence[str]) -> str:
+    """Legend text of one curve in a shared panel: where it was measured, and what it is
+    when the panel mixes quantities."""
+    if key in LINE_LABELS:
+        return LINE_LABELS[key]
+    prefix, _, leaf = key.rpartition("/")
+    where = {"train": "training", "eval": "held-out"}.get(prefix, "")
+    leaves = {k.rpartition("/")[2] for k in keys}
+    if len(leaves) == 1:
+        return where or key
+    what = leaf.removesuffix("_reward").removesuffix("_s")
+    return f"{what} ({where})" if where else what
 
 
 class ReportError(Exception):
@@ -70,6 +114,36 @@ class Stage:
         known = KNOWN_METRICS.get(self.kind() or "", ())
         present = self.keys()
         return [k for k in known if k in present] + sorted(present - set(known))
+
+    def panels(self) -> list["Panel"]:
+        """Plot panels in metric order; see PANEL_GROUPS. A metric logged at a single step
+        of a longer run (a one-off such as the RM's normalisation bias) gets no panel: it is
+        in the summary table."""
+        n_steps = len({r["step"] for r in self.rows})
+        keys = [k for k in self.ordered_keys() if n_steps <= 1 or len(self.series(k)[0]) > 1]
+        present, used, panels = set(keys), set(), []
+        for key in keys:
+            if key in used:
+                continue
+            group = next((g for g in PANEL_GROUPS if key in g[2]), None)
+            if group is not None and len(present & set(group[2])) > 1:
+                members = [k for k in group[2] if k in present]
+                panels.append(Panel(group[0], group[1], members))
+            elif key.split("/", 1)[0] in ("train", "eval") and {f"train/{key.split('/', 1)[1]}",
+                                                                 f"eval/{key.split('/', 1)[1]}"} <= present:
+                leaf = key.split("/", 1)[1]
+                panels.append(Panel(f"{TITLES.get('train/' + leaf, leaf)}: training vs held-out", leaf,
+                                    [f"train/{leaf}", f"eval/{leaf}"]))
+            else:
+                panels.append(Panel(TITLES.get(key, key), key, [key]))
+            used.update(panels[-1].keys)
+        return panels
+
+    def logged_once(self) -> list[str]:
+        """Metrics with one logged step in a run of several (not plotted)."""
+        if len({r["step"] for r in self.rows}) <= 1:
+            return []
+        return [k for k in self.ordered_keys() if len(self.series(k)[0]) == 1]
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """(steps, values) sorted by step; a step logged twice (a resumed run)
@@ -167,17 +241,36 @@ def fmt(v: float) -> str:
     return f"{v:.6g}"
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+CURVE_COLORS = {"chosen": "tab:green", "rejected": "tab:red"}
+
+
+def _curve_style(key: str, index: int, n: int) -> dict:
+    """Training curves solid blue, held-out orange with markers; chosen/rejected green/red."""
+    leaf = key.rpartition("/")[2]
+    color = next((c for word, c in CURVE_COLORS.items() if leaf.startswith(word)), None)
+    if color is None:
+        color = "tab:orange" if key.startswith("eval/") else ("tab:blue" if n == 1 or key.startswith("train/") else f"C{index}")
+    style = {"color": color, "linewidth": 1.5}
+    if key.startswith("eval/") and color in CURVE_COLORS.values():
+        style["linestyle"] = "--"
+    return style
+
+
 def plot_stage(stage: Stage, out_png: str, run_name: str) -> list[str]:
-    """Draw one panel per metric; returns the keys left out for lack of room."""
+    """Draw one panel per metric or group of related metrics; returns the keys left out
+    for lack of room."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # headless: clusters and CI have no display
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator, ScalarFormatter
     except ImportError:
         raise ReportError("matplotlib is required for `report`: pip install 'megatron-rlhf[report]' "
                           "(or pip install matplotlib)") from None
-    keys = stage.ordered_keys()
-    shown, left_out = keys[:MAX_PANELS], keys[MAX_PANELS:]
+    panels = stage.panels()
+    shown, hidden = panels[:MAX_PANELS], panels[MAX_PANELS:]
+    left_out = [k for p in hidden for k in p.keys]
     ncols = min(NCOLS, max(1, len(shown)))
     all_steps = [r["step"] for r in stage.rows]
     # One x range for every panel, so curves line up by step and a metric logged
@@ -189,25 +282,43 @@ def plot_stage(stage: Stage, out_png: str, run_name: str) -> list[str]:
                          "xtick.labelsize": 10, "ytick.labelsize": 10}):
         fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows + 0.6),
                                  squeeze=False, layout="constrained")
-        for ax, key in zip(axes.flat, shown):
-            steps, vals = stage.series(key)
-            style = {"marker": "o", "markersize": 3} if len(steps) <= 40 else {}
-            color = "tab:orange" if key.startswith("eval/") else "tab:blue"
-            ax.plot(steps, vals, color=color, linewidth=1.5, **style)
-            direction = best_direction(key)
-            finite = [(v, s) for s, v in zip(steps, vals) if math.isfinite(v)]
-            if direction and finite:
-                v, s = (min if direction == "min" else max)(finite)
-                ax.plot([s], [v], marker="*", markersize=12, color="tab:red", linestyle="none",
-                        label=f"best {fmt(v)} @ step {fmt(s)}")
+        for ax, panel in zip(axes.flat, shown):
+            values_all = []
+            for i, key in enumerate(panel.keys):
+                steps, vals = stage.series(key)
+                values_all += [v for v in vals if math.isfinite(v)]
+                style = _curve_style(key, i, len(panel.keys))
+                if len(steps) <= 40:
+                    style.update(marker="o", markersize=3)
+                label = line_label(key, panel.keys) if len(panel.keys) > 1 else None
+                ax.plot(steps, vals, label=label, **style)
+                direction = best_direction(key)
+                finite = [(v, s) for s, v in zip(steps, vals) if math.isfinite(v)]
+                if direction and finite:
+                    v, s = (min if direction == "min" else max)(finite)
+                    which = "best held-out" if len(panel.keys) > 1 else "best"
+                    ax.plot([s], [v], marker="*", markersize=12, color="tab:red", linestyle="none",
+                            label=f"{which} {fmt(v)} @ step {fmt(s)}")
+            if values_all and max(values_all) == min(values_all):
+                # a constant: say so instead of letting the axis invent a range around it
+                v = values_all[0]
+                half = abs(v) * 0.5 or 1.0
+                ax.set_ylim(v - half, v + half)
+                ax.text(0.5, 0.85, f"constant {fmt(v)}", transform=ax.transAxes, ha="center", fontsize=10,
+                        bbox={"facecolor": "white", "edgecolor": "0.7", "boxstyle": "round"})
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="best", fontsize=9)
-            ax.set_title(TITLES.get(key, key))
+            ax.set_title(panel.title)
             ax.set_xlabel("step")
             ax.set_xlim(*xlim)
-            ax.set_ylabel(key)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(panel.ylabel)
             ax.grid(True, alpha=0.3)
-            if key == "lr":  # 3e-05 reads better than 0.00003 on a tick
-                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            # 3e-05 reads better than 0.00003 on a tick, and an offset ("+1.2e3" above the
+            # axis) is easy to miss: plain values, scientific outside 1e-3..1e5
+            formatter = ScalarFormatter(useOffset=False)
+            formatter.set_powerlimits((-3, 5))
+            ax.yaxis.set_major_formatter(formatter)
         for ax in list(axes.flat)[len(shown):]:
             ax.axis("off")
         if not shown:
@@ -247,6 +358,9 @@ def stage_markdown(stage: Stage, png_name: str | None, left_out: list[str]) -> s
         out.append("")
         if left_out:
             out += [f"Not plotted (more than {MAX_PANELS} panels): " + ", ".join(f"`{k}`" for k in left_out), ""]
+        once = stage.logged_once()
+        if once:
+            out += ["Logged at one step only (in the table, not plotted): " + ", ".join(f"`{k}`" for k in once), ""]
         if stage.ignored:
             out += ["Non-numeric keys (not plotted): " + ", ".join(f"`{k}`" for k in sorted(stage.ignored)), ""]
     out += ["### Config", ""]

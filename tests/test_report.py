@@ -150,3 +150,34 @@ def test_malformed_line_names_file_and_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_related_curves_share_a_panel_and_one_offs_are_not_plotted(tmp_path):
+    from megatron_rlhf.report import find_stages, line_label
+
+    root = tmp_path / "run4"
+    d = write_stage(root, "rm", steps=30, eval_every=10,
+                    extra=lambda s: {"train/chosen_reward": s * 0.1, "train/rejected_reward": -s * 0.1, "train/margin": s * 0.2,
+                                     "train/foo": 1.0, "eval/foo": 2.0})
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 30, "rm/bias": -0.25}) + "\n")  # a one-off, as the RM logs its normalisation
+    (stage,) = find_stages(str(root))
+    panels = {p.title: p.keys for p in stage.panels()}
+    assert panels["loss: training vs held-out"] == ["train/loss", "eval/loss"]
+    assert panels["pair accuracy: training vs held-out"] == ["train/accuracy", "eval/accuracy"]
+    assert panels["reward of chosen vs rejected"] == ["train/chosen_reward", "train/rejected_reward",
+                                                      "eval/chosen_reward", "eval/rejected_reward"]
+    assert panels["chosen - rejected reward (margin)"] == ["train/margin", "eval/margin"]
+    assert panels["foo: training vs held-out"] == ["train/foo", "eval/foo"]
+    plotted = [k for keys in panels.values() for k in keys]
+    assert len(plotted) == len(set(plotted)) and "rm/bias" not in plotted
+    assert set(plotted) | {"rm/bias"} == stage.keys()  # every metric is plotted once, or is the one-off
+    assert [line_label(k, panels["reward of chosen vs rejected"]) for k in panels["reward of chosen vs rejected"]] == [
+        "chosen (training)", "rejected (training)", "chosen (held-out)", "rejected (held-out)"]
+    assert line_label("eval/loss", ["train/loss", "eval/loss"]) == "held-out"
+
+    summary, pngs = make_report(str(root))
+    text = open(summary).read()
+    assert "| `rm/bias` | -0.25 | 30 |  |" in text
+    assert "Logged at one step only (in the table, not plotted): `rm/bias`" in text
+    assert png_size(pngs[0])[0] >= 800
