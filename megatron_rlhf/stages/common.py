@@ -150,15 +150,21 @@ class SupervisedTask:
     count_tokens: Callable = lambda batch: 0  # tokens processed, for tokens_per_s
     pad_example: Optional[Callable] = None  # example -> the same example contributing nothing (eval padding)
     extra_meta: Optional[Callable] = None  # () -> dict merged into the checkpoint meta
+    rows_of: Callable = lambda example: 1  # batch rows of one example (RM: its K responses; K varies)
 
 
 def _microbatches(task: SupervisedTask, examples: list, micro_batch_size: int):
     batch = task.collate(examples)
     rows = batch[0].shape[0]
-    group = rows // len(examples)  # RM batches have several rows per example
-    per_micro = micro_batch_size * group
-    micro = [to_device(type(batch)(*(t[i : i + per_micro] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows else t for t in batch))) for i in range(0, rows, per_micro)]
-    return micro, batch[0].shape[1], per_micro
+    # Cut at example boundaries (an RM prompt's K rows never split); the rows per
+    # micro-batch vary when K does, so the largest is returned as the micro-batch size.
+    sizes = [task.rows_of(e) for e in examples]
+    assert sum(sizes) == rows, f"collate gave {rows} rows, rows_of says {sum(sizes)}"
+    bounds = [0]
+    for i in range(0, len(examples), micro_batch_size):
+        bounds.append(bounds[-1] + sum(sizes[i : i + micro_batch_size]))
+    micro = [to_device(type(batch)(*(t[a:b] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows else t for t in batch))) for a, b in zip(bounds, bounds[1:])]
+    return micro, batch[0].shape[1], max(b - a for a, b in zip(bounds, bounds[1:]))
 
 
 def evaluate(ctx: StageContext, model, task: SupervisedTask) -> dict:
