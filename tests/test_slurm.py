@@ -47,7 +47,8 @@ def _layout(out):
 
 
 def test_examples_found():
-    assert len(EXAMPLES) >= 12 and "examples/instructgpt/ppo_175b.yaml" in EXAMPLES, EXAMPLES
+    wanted = {f"examples/instructgpt/{st}_{sz}.yaml" for st in ("sft", "rm", "ppo") for sz in ("1.3b", "6b", "175b")}
+    assert wanted <= set(EXAMPLES), sorted(wanted - set(EXAMPLES))
     assert len(SCRIPTS) == 12, SCRIPTS  # {sft,rm,ppo} x {tiny,1.3b,6b,175b}
 
 
