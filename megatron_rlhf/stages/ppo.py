@@ -197,7 +197,9 @@ class PPOTrainer:
             _offload(frozen, ppo.offload_frozen)
 
         self.prompts = load_prompts(ppo.prompts_path, tok, prompt_budget(cfg.model.seq_length, ppo.max_new_tokens))
-        self.pretrain = load_pretrain(ppo.pretrain_path, tok, cfg.model.seq_length) if ppo.ptx_coef else []
+        # With ptx_coef=0 and a pretrain_path the ptx batches still run (coefficient 0, no
+        # gradient) so that ptx/loss is logged and comparable; leave pretrain_path empty to skip them.
+        self.pretrain = load_pretrain(ppo.pretrain_path, tok, cfg.model.seq_length) if ppo.pretrain_path else []
         if ppo.ptx_coef and not self.pretrain:
             raise ConfigError(f"ppo.ptx_coef={ppo.ptx_coef} needs pretraining text: set ppo.pretrain_path (JSONL of {{\"text\": ...}})")
         self.total_steps = cfg.train.max_steps or max(len(self.prompts) // cfg.train.global_batch_size, 1) * cfg.train.epochs
@@ -285,7 +287,7 @@ class PPOTrainer:
                 rows = torch.tensor(order[start : start + mini])
                 part = episodes.rows(_device(rows))
                 micro = [part.rows(slice(i, i + mbs)) for i in range(0, mini, mbs)]
-                ptx = self._ptx_batches(ppo_lib.ptx_batch_size(ppo.mini_batch_size, ppo.ptx_ratio)) if ppo.ptx_coef else []
+                ptx = self._ptx_batches(ppo_lib.ptx_batch_size(ppo.mini_batch_size, ppo.ptx_ratio)) if self.pretrain else []
                 n_policy = _global_sum(part.action_mask.sum())
                 n_ptx = _global_sum(sum(b.loss_mask.sum() for b in ptx)) if ptx else 1.0
                 forward = partial(actor_forward, vocab_size=self.vocab, clip_eps=ppo.clip_eps, entropy_coef=ppo.entropy_coef,
