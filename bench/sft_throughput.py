@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""SFT training throughput: tokens/s, model TFLOP/s, MFU and peak memory, ours against a
+plain ``transformers`` training step on the same shape, batch and precision, in one run.
+
+    # one GPU, the acceptance figures (1.3B Llama-style, sequence 2048)
+    python bench/sft_throughput.py --preset 1.3b --flavour llama --micro-batch-size 4
+    python bench/sft_throughput.py --preset 1.3b --flavour llama --micro-batch-size 4 --fp8
+    python bench/sft_throughput.py --preset 1.3b --flavour llama --micro-batch-size 4 --recompute full
+    # sizes x {bf16, fp8} x recompute {none, full}, one JSON file and a table
+    python bench/sft_throughput.py --sweep
+    # CPU smoke run (seconds; fp32; numbers are not performance claims)
+    python bench/sft_throughput.py --preset tiny --steps 1 --warmup 1
+
+Ours: ``build_model`` -> ``wrap_for_training`` (Megatron DDP + optimizer) -> per step
+``train_step`` (``run_schedule`` with the SFT stage's own ``sft_forward``, then
+``optimizer_step``), with Transformer Engine layers and BF16/FP8 on GPU.
+Baseline: ``LlamaForCausalLM``/``GPT2LMHeadModel`` of the same shape, ``attn_implementation=
+"sdpa"``, fp32 weights under BF16 autocast on GPU, ``torch.optim.AdamW`` (fused on CUDA),
+the same gradient clipping, ``gradient_checkpointing`` when ``--recompute full``.
+Both train on the same random tokens (every position a target). Each runs in its own
+process (see bench_common). Results: ``bench/results/<name>.json``; keys in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_common as bc  # noqa: E402
+
+SWEEP_SIZES = ["125m", "350m", "1.3b", "2.7b"]
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _batches(spec, device):
+    import torch
+
+    from megatron_rlhf.data.sft import SftBatch
+
+    m, mbs, s = spec["model"], spec["micro_batch_size"], spec["model"]["seq_length"]
+    g = torch.Generator().manual_seed(spec["seed"])
+    out = []
+    for _ in range(spec["grad_accum"]):
+        seq = torch.randint(1, m["vocab_size"], (mbs, s + 1), generator=g)
+        tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+        out.append(SftBatch(tokens.to(device), labels.to(device), torch.ones_like(tokens, dtype=torch.bool).to(device),
+                            torch.arange(s).unsqueeze(0).repeat(mbs, 1).to(device)))
+    return out
+
+
+def _measure(step_fn, spec):
+    """Run warm-up then timed steps; return timing and memory figures."""
+    for _ in range(spec["warmup"]):
+        step_fn()
+    bc.reset_peak_memory()
+    times, loss = [], None
+    for _ in range(spec["steps"]):
+        with bc.Timer() as t:
+            loss = step_fn()
+        times.append(t.seconds)
+    tokens = spec["steps"] * spec["grad_accum"] * spec["micro_batch_size"] * spec["model"]["seq_length"]
+    total = sum(times)
+    return dict(tokens_per_s=tokens / total, step_time_s=times, median_step_time_s=sorted(times)[len(times) // 2],
+                tokens_timed=tokens, final_loss=float(loss), **bc.peak_memory())
+
+
+def child_ours(spec):
+    import torch
+
+    from megatron_rlhf.config import ModelConfig, ParallelConfig, TrainConfig
+    from megatron_rlhf.models.builder import build_model, use_transformer_engine
+    from megatron_rlhf.parallel import init_distributed, seed_everything
+    from megatron_rlhf.stages.sft import sft_forward
+    from megatron_rlhf.training.trainer import train_step, wrap_for_training
+
+    model_cfg = ModelConfig(**spec["model"])
+    parallel = ParallelConfig(**spec["parallel"])
+    train = TrainConfig(lr=1e-5, micro_batch_size=spec["micro_batch_size"],
+                        global_batch_size=spec["micro_batch_size"] * spec["grad_accum"], seed=spec["seed"])
+    init_distributed(parallel, model_cfg)
+    seed_everything(spec["seed"])
+    model = build_model(model_cfg, parallel, model_cfg.vocab_size, seed=spec["seed"])
+    n_params = sum(p.numel() for p in model.parameters())
+    ddp, optimizer, scheduler = wrap_for_training(model, parallel, train, total_steps=spec["warmup"] + spec["steps"])
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batches = _batches(spec, device)
+    s, mbs = model_cfg.seq_length, spec["micro_batch_size"]
+
+    def step():
+        metrics = train_step(ddp, optimizer, scheduler, batches, sft_forward, ["loss"], s, mbs)
+        return metrics["loss"]
+
+    result = _measure(step, spec)
+    result.update(implementation="megatron-core GPTModel (" + ("Transformer Engine" if use_transformer_engine(model_cfg) else "local layers, SDPA") + ")",
+                  parameters_built=n_params)
+    return result
+
+
+def hf_model(m: dict, dtype=None):
+    """A transformers causal LM with our shape (m: ModelConfig fields), SDPA attention."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from megatron_rlhf.memory_plan import ffn_size
+    from megatron_rlhf.config import ModelConfig
+
+    cfg = ModelConfig(**m)
+    heads = cfg.num_attention_heads
+    if cfg.flavour == "llama":
+        hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=ffn_size(cfg),
+                             num_hidden_layers=cfg.num_layers, num_attention_heads=heads,
+                             num_key_value_heads=cfg.num_query_groups or heads, max_position_embeddings=cfg.seq_length,
+                             rms_norm_eps=cfg.norm_epsilon, rope_theta=cfg.rotary_base, tie_word_embeddings=False,
+                             attention_bias=False, mlp_bias=False, initializer_range=cfg.init_method_std,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    else:
+        hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=heads,
+                            n_positions=cfg.seq_length, n_inner=ffn_size(cfg), activation_function="gelu",
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_epsilon,
+                            tie_word_embeddings=True, initializer_range=cfg.init_method_std,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype or torch.float32)
+    return model
+
+
+def child_baseline(spec):
+    import contextlib
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(spec["seed"])
+    model = hf_model(spec["model"])
+    if spec["model"].get("recompute_granularity") == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                  **({"fused": True} if cuda else {}))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and spec["precision"] != "fp32" else contextlib.nullcontext
+    batches = _batches(spec, "cuda" if cuda else "cpu")
+
+    def step():
+        total = 0.0
+        for b in batches:
+            with autocast():
+                logits = model(input_ids=b.tokens).logits
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten())
+            (loss / len(batches)).backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total / len(batches)
+
+    result = _measure(step, spec)
+    result.update(implementation=f"transformers {type(model).__name__} (sdpa" + (", bf16 autocast, fp32 weights" if cuda and spec["precision"] != "fp32" else ", fp32")
+                  + (", gradient checkpointing" if spec["model"].get("recompute_granularity") == "full" else "") + "), torch.optim.AdamW",
+                  parameters_built=n_params)
+    return result
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def build_spec(args, preset, precision, fp8, recompute) -> dict:
+    import torch
+
+    tiny = preset == "tiny"
+    seq = args.seq_length or (bc.TINY["seq_length"] if tiny else 2048)
+    model = bc.model_config(preset, args.flavour, num_layers=args.num_layers, hidden_size=args.hidden_size,
+                            num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+                            ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size, seq_length=seq)
+    model = dataclasses.replace(model, precision=precision, fp8="hybrid" if fp8 else None,
+                                recompute_granularity=None if recompute == "none" else recompute,
+                                transformer_impl=args.transformer_impl)
+    model.validate()
+    parallel = dict(use_distributed_optimizer=args.distributed_optimizer and torch.cuda.is_available(),
+                    overlap_grad_reduce=args.overlap_grad_reduce and torch.cuda.is_available())
+    label = f"{preset or 'custom'} {args.flavour} {'fp8' if fp8 else precision} recompute={recompute} s={seq} mbs={args.micro_batch_size}"
+    return dict(label=label, model=bc.asdict(model), parallel=parallel, precision=precision, fp8=fp8, recompute=recompute,
+                micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, steps=args.steps, warmup=args.warmup,
+                seed=args.seed, preset=preset)
+
+
+def figures(run: dict, spec: dict, info: dict) -> dict:
+    """TFLOP/s and MFU of one measured run."""
+    from megatron_rlhf.config import ModelConfig
+
+    if "error" in run:
+        return run
+    m = ModelConfig(**spec["model"])
+    s = m.seq_length
+    tflops = run["tokens_per_s"] * bc.train_flops_per_token(m, s) / 1e12
+    tflops_causal = run["tokens_per_s"] * bc.train_flops_per_token(m, s, causal=True) / 1e12
+    out = dict(run, tflops=tflops, mfu=bc.fraction(tflops, info["peak_bf16_tflops"]),
+               mfu_causal=bc.fraction(tflops_causal, info["peak_bf16_tflops"]))
+    if spec["fp8"]:
+        out["mfu_vs_fp8_peak"] = bc.fraction(tflops, info["peak_fp8_tflops"])
+    return out
+
+
+def measure(args, spec, info, baseline: bool, baseline_result=None) -> dict:
+    from megatron_rlhf.config import ModelConfig
+
+    script = Path(__file__).resolve()
+    ours = figures(bc.run_part(script, "ours", spec, args.timeout), spec, info)
+    row = dict(config=spec, shape=bc.shape_summary(ModelConfig(**spec["model"])),
+               flops_per_token=bc.train_flops_per_token(ModelConfig(**spec["model"]), spec["model"]["seq_length"]),
+               ours=ours, tokens_per_s=ours.get("tokens_per_s"), tflops=ours.get("tflops"), mfu=ours.get("mfu"),
+               peak_memory_bytes=ours.get("peak_memory_bytes"))
+    if baseline_result is None and baseline:
+        base_spec = dict(spec, fp8=False, precision=spec["precision"], label=spec["label"] + " [transformers]")
+        baseline_result = figures(bc.run_part(script, "baseline", base_spec, args.timeout), base_spec, info)
+        if spec["fp8"]:
+            baseline_result["note"] = "transformers has no plain FP8 training path: the baseline runs BF16 autocast"
+    if baseline_result is not None:
+        row.update(baseline=baseline_result, baseline_tokens_per_s=baseline_result.get("tokens_per_s"),
+                   ratio_vs_baseline=bc.ratio(ours.get("tokens_per_s"), baseline_result.get("tokens_per_s")),
+                   same_parameter_count=ours.get("parameters_built") == baseline_result.get("parameters_built"))
+    else:
+        row.update(baseline=None, baseline_tokens_per_s=None, ratio_vs_baseline=None)
+    return row
+
+
+def _fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_row(row):
+    o, b = row["ours"], row.get("baseline") or {}
+    if "error" in o:
+        print(f"  {row['config']['label']}: ERROR {o['error']}")
+        return
+    mem = o.get("peak_memory_bytes")
+    print(f"  {row['config']['label']}: {o['tokens_per_s']:.1f} tokens/s, {o['tflops']:.3f} TFLOP/s, MFU {_fmt(o['mfu'] and 100 * o['mfu'])}%, "
+          f"peak {mem / 2**30:.2f} GiB | transformers {_fmt(b.get('tokens_per_s'))} tokens/s, ratio {_fmt(row.get('ratio_vs_baseline'), '.2f')}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return bc.child_main(argv, {"ours": child_ours, "baseline": child_baseline})
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(bc.SHAPES), help="model shape (layers, hidden, heads); 'tiny' for CPU smoke runs")
+    p.add_argument("--flavour", choices=["llama", "gpt2"], default="llama")
+    p.add_argument("--num-layers", type=int)
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--num-attention-heads", type=int)
+    p.add_argument("--num-query-groups", type=int)
+    p.add_argument("--ffn-hidden-size", type=int)
+    p.add_argument("--vocab-size", type=int, help="default 32000 (llama) / 50257 (gpt2); tiny: 512")
+    p.add_argument("--seq-length", type=int, help="default 2048 (tiny: 64)")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--fp8", action="store_true", help="Transformer Engine FP8, hybrid recipe (E4M3 forward, E5M2 backward)")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default="auto")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also time the transformers step")
+    p.add_argument("--sweep", action="store_true", help="sizes x {bf16, fp8} x recompute {none, full}")
+    p.add_argument("--sizes", nargs="+", default=None, help=f"sweep sizes (default {' '.join(SWEEP_SIZES)})")
+    p.add_argument("--sweep-recompute", nargs="+", default=["none", "full"], choices=["none", "selective", "full"])
+    p.add_argument("--peak-tflops", type=float, help="dense BF16 peak of a GPU the table does not know")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--timeout", type=float, help="seconds per measurement process")
+    p.add_argument("--output", help="JSON file (default bench/results/sft_<shape>_<precision>_<device>.json)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.steps < 1 or args.warmup < 0 or args.micro_batch_size < 1 or args.grad_accum < 1:
+        p.error("need --steps >= 1, --warmup >= 0, --micro-batch-size >= 1, --grad-accum >= 1")
+    precision = bc.resolve_precision(args.precision)
+    bc.check_fp8(args.fp8)
+    info = bc.device_info(args.peak_tflops)
+    if not args.sweep:
+        bc.check_recompute(args.recompute)
+    device_tag = "cpu" if info["device"] == "cpu" else info["device"].replace(" ", "_").lower()
+
+    if not args.sweep:
+        if not args.preset and not (args.num_layers and args.hidden_size and args.num_attention_heads):
+            p.error("give --preset or --num-layers, --hidden-size and --num-attention-heads")
+        spec = build_spec(args, args.preset, precision, args.fp8, args.recompute)
+        row = measure(args, spec, info, args.baseline)
+        print_row(row)
+        result = dict(bc.header("sft_throughput", info), flops_formula=bc.FLOPS_FORMULA,
+                      mfu_peak="dense BF16 peak of the device (also for FP8 runs; see mfu_vs_fp8_peak)", **row)
+        name = f"sft_{args.preset or 'custom'}_{args.flavour}_{'fp8' if args.fp8 else precision}_rc-{args.recompute}_{device_tag}.json"
+        bc.write_result(result, args.output, name)
+        return 1 if "error" in row["ours"] else 0
+
+    sizes = args.sizes or (SWEEP_SIZES if torch.cuda.is_available() else ["tiny"])
+    fp8_modes = [False]
+    skipped = []
+    if torch.cuda.is_available() and precision == "bf16":
+        try:
+            bc.check_fp8(True)
+            fp8_modes.append(True)
+        except SystemExit as exc:
+            skipped.append(f"fp8 rows skipped: {exc}")
+    else:
+        skipped.append("fp8 rows skipped: FP8 needs a CUDA GPU with Transformer Engine")
+    recomputes = args.sweep_recompute
+    if not torch.cuda.is_available() and recomputes != ["none"]:
+        skipped.append("recompute rows skipped: activation recomputation needs a CUDA GPU")
+        recomputes = ["none"]
+    rows = []
+    for size in sizes:
+        for recompute in recomputes:
+            base = None
+            for fp8 in fp8_modes:
+                spec = build_spec(args, size, precision, fp8, recompute)
+                row = measure(args, spec, info, args.baseline, baseline_result=base)
+                base = row.get("baseline")
+                print_row(row)
+                rows.append(row)
+    result = dict(bc.header("sft_throughput_sweep", info), flops_formula=bc.FLOPS_FORMULA,
+                  mfu_peak="dense BF16 peak of the device (also for FP8 runs; see mfu_vs_fp8_peak)", skipped=skipped, runs=rows)
+    bc.write_result(result, args.output, f"sft_sweep_{args.flavour}_{device_tag}.json")
+    print("\n| shape | precision | recompute | tokens/s | TFLOP/s | MFU | peak GiB | transformers tokens/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, o = r["config"], r["ours"]
+        if "error" in o:
+            print(f"| {c['preset']} | {'fp8' if c['fp8'] else c['precision']} | {c['recompute']} | error: {o['error']} | | | | | |")
+            continue
+        print(f"| {c['preset']} | {'fp8' if c['fp8'] else c['precision']} | {c['recompute']} | {o['tokens_per_s']:.0f} | {o['tflops']:.1f} | "
+              f"{_fmt(o['mfu'] and 100 * o['mfu'])}% | {o['peak_memory_bytes'] / 2**30:.1f} | {_fmt(r['baseline_tokens_per_s'], '.0f')} | {_fmt(r['ratio_vs_baseline'], '.2f')} |")
+    # An out-of-memory row only says the shape does not fit; any other error fails the sweep.
+    return 1 if any("error" in r["ours"] and "out of memory" not in r["ours"]["error"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
