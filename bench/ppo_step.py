@@ -337,7 +337,7 @@ def main(argv=None) -> int:
                             recompute_granularity=None if args.recompute == "none" else args.recompute)
     m.validate()
     label = f"{args.preset or 'custom'} {args.flavour} {'fp8' if args.fp8 else precision} batch={args.batch} new={args.max_new_tokens}"
-    spec = dict(label=label, model=bc.asdict(m), parallel={}, precision=precision, fp8=args.fp8, batch=args.batch,
+    spec = dict(label=label, preset=args.preset, model=bc.asdict(m), parallel={}, precision=precision, fp8=args.fp8, batch=args.batch,
                 prompt_length=args.prompt_length, max_new_tokens=args.max_new_tokens, ptx_ratio=args.ptx_ratio,
                 ptx_length=ptx_length, micro_batch_size=args.micro_batch_size, warmup=args.warmup, seed=args.seed,
                 baseline_dtype=args.baseline_dtype, kl_coef=KL_COEF, ptx_coef=PTX_COEF if args.ptx_ratio else 0.0,
