@@ -72,7 +72,7 @@ def resolve_precision(model: ModelConfig) -> str:
     return model.precision
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, initialize: bool = True) -> TransformerConfig:
     llama = model.flavour == "llama"
     precision = resolve_precision(model)
     te = use_transformer_engine(model)
@@ -100,7 +100,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         sequence_parallel=parallel.sequence_parallel,
         # Initialise the full tensor on CPU, then slice: every TP layout gets the same model.
         use_cpu_initialization=True,
-        perform_initialization=True,
+        perform_initialization=initialize,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=precision == "bf16",
@@ -160,16 +160,19 @@ def build_model(
     vocab_size: int,
     scalar_head: bool = False,
     seed: Optional[int] = None,
+    initialize: bool = True,
 ) -> GPTModel:
     """Build this rank's pipeline stage of the model (call after ``init_distributed``).
 
     ``vocab_size`` is the tokenizer's; the embedding is padded (see ``padded_vocab_size``).
-    ``scalar_head=True`` gives the reward-model/critic network.
+    ``scalar_head=True`` gives the reward-model/critic network. ``initialize=False``
+    leaves the weights uninitialised (``torch.empty``: no memory is touched until they are
+    written), for callers that overwrite every one, such as the checkpoint converter.
     """
     if seed is not None:
         torch.manual_seed(seed)
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = transformer_config(model, parallel)
+    config = transformer_config(model, parallel, initialize)
     tied = not model.untie_embeddings_and_output_weights if model.untie_embeddings_and_output_weights is not None else model.flavour == "gpt2"
     gpt = GPTModel(
         config=config,
