@@ -1,0 +1,231 @@
+"""Our checkpoint (any TP/PP layout it was saved at) -> a Hugging Face model folder.
+
+* a policy (language-model head) -> ``LlamaForCausalLM`` / ``GPT2LMHeadModel``;
+* a reward model or critic (:class:`~megatron_rlhf.models.builder.ScalarHead`) ->
+  ``LlamaForSequenceClassification`` / ``GPT2ForSequenceClassification``, ``num_labels=1``.
+
+The scalar head's bias: HF's ``score`` layer has none. For GPT-2 the final LayerNorm has a
+bias that feeds only the head, so the RM bias ``b`` is folded into it exactly
+(``beta' = beta + b * w / |w|^2``; the scores match, the backbone's last hidden state moves
+along ``w``). Llama's final RMSNorm has no bias and its output has no constant direction,
+so no bias-free linear head can add a constant: the bias is written to ``config.json`` as
+``rlhf_score_bias`` and the reward is ``logits + rlhf_score_bias``. That key is present for
+both flavours (0.0 for GPT-2, where it is already folded), so consumers can always add it.
+
+Weights are read from the dist checkpoint one layer at a time (see
+:mod:`~megatron_rlhf.convert.dist_reader`) and streamed into safetensors shards (see
+:mod:`~megatron_rlhf.convert.safetensors_io`): peak memory is a layer and a shard writer's
+buffer, not the model. The vocabulary padding is stripped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_rlhf.convert.common import ConversionError, arch_of, dtype_name, model_config_from_meta, parse_dtype, prepare_out_dir
+from megatron_rlhf.convert.dist_reader import DistCheckpointReader
+from megatron_rlhf.convert.hf_tokenizer import special_ids, write_hf_tokenizer
+from megatron_rlhf.convert.layout import OUTPUT_B, OUTPUT_W, WORD_EMB, Arch, expected_dist_shapes, hf_shapes, hf_tensors
+from megatron_rlhf.convert.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, nbytes, parse_size
+from megatron_rlhf.data.jsonl import DataError
+from megatron_rlhf.data.tokenizer import Tokenizer
+from megatron_rlhf.training import checkpoint as ckpt_lib
+
+
+def default_network(meta: dict, ckpt: Path) -> str:
+    networks = meta.get("networks") or sorted(p.name for p in ckpt.iterdir() if (p / ".metadata").is_file())
+    for name in ("model", "actor"):
+        if name in networks:
+            return name
+    if networks:
+        return networks[0]
+    raise ConversionError(f"{ckpt} has no network to export (meta.json lists none)")
+
+
+def open_network(ckpt: Path, meta: dict, network: str) -> DistCheckpointReader:
+    listed = meta.get("networks") or []
+    path = ckpt / network
+    if listed and network not in listed:
+        raise ConversionError(f"{ckpt} has no network '{network}' (it has: {', '.join(listed)}); choose one with --network")
+    if not path.is_dir() or not (path / ".metadata").is_file():
+        state = "is missing" if not path.is_dir() else "has no .metadata"
+        raise ConversionError(
+            f"partial checkpoint: {path} {state} although meta.json lists networks {listed or '?'} "
+            f"(an interrupted copy?); use a complete checkpoint"
+        )
+    reader = DistCheckpointReader(path)
+    files = {info.relative_path for info in reader.metadata.storage_data.values()}
+    lost = sorted(f for f in files if not (path / f).is_file())
+    if lost:
+        raise ConversionError(f"partial checkpoint: {path} lacks data file(s) {', '.join(lost[:4])} named in its .metadata")
+    return reader
+
+
+def checkpoint_arch(reader: DistCheckpointReader, meta: dict) -> Arch:
+    model = model_config_from_meta(meta)
+    vocab = meta.get("vocab_size")
+    if not vocab:
+        raise ConversionError("meta.json has no vocab_size")
+    if WORD_EMB not in reader.tensors:
+        raise ConversionError(f"partial checkpoint: {reader.path} has no {WORD_EMB}")
+    padded = reader.shape(WORD_EMB)[0]
+    scalar = OUTPUT_B in reader.tensors and OUTPUT_W in reader.tensors and reader.shape(OUTPUT_W)[0] == 1
+    arch = arch_of(model, int(vocab), padded, head="score" if scalar else "lm")
+    if padded < arch.vocab:
+        raise ConversionError(f"mismatched vocabulary: meta.json vocab_size={arch.vocab} but the embedding has only {padded} rows")
+    expected = expected_dist_shapes(arch)
+    missing = [k for k in expected if k not in reader.tensors]
+    if missing:
+        raise ConversionError(
+            f"partial checkpoint: {reader.path} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+            f"(meta.json describes a {model.flavour} model with {model.num_layers} layers"
+            f"{', untied output layer' if not arch.tied and arch.head == 'lm' else ''})"
+        )
+    wrong = [f"{k}: {reader.shape(k)} vs {v}" for k, v in expected.items() if reader.shape(k) != tuple(v)]
+    if wrong:
+        raise ConversionError(f"{reader.path} does not match the model config in meta.json: {'; '.join(wrong[:4])}")
+    unknown = [k for k in reader.tensors if k not in expected]
+    if unknown:
+        raise ConversionError(f"{reader.path} has tensors this converter does not know: {', '.join(unknown[:4])}")
+    return arch
+
+
+def checkpoint_tokenizer(ckpt: Path, meta: dict, tokenizer: Optional[str]) -> Tokenizer:
+    path = Path(tokenizer) if tokenizer else ckpt / "tokenizer.model"
+    try:
+        tok = Tokenizer.load(path)
+    except DataError as exc:
+        raise ConversionError(f"tokenizer {path}: {str(exc).splitlines()[0]} (pass --tokenizer PATH)") from None
+    if tok.vocab_size != meta.get("vocab_size"):
+        raise ConversionError(f"mismatched vocabulary: tokenizer {path} has {tok.vocab_size} pieces, the checkpoint's vocab_size is {meta.get('vocab_size')}")
+    fp = meta.get("tokenizer_fingerprint")
+    if fp and fp != tok.fingerprint():
+        raise ConversionError(f"tokenizer {path} (fingerprint {tok.fingerprint()}) is not the one the checkpoint was trained with ({fp})")
+    return tok
+
+
+def hf_config(arch: Arch, meta: dict, ids: dict, dtype: torch.dtype, score_bias: Optional[float], extra: dict):
+    try:
+        from transformers import GPT2Config, LlamaConfig
+    except ImportError:
+        raise ConversionError("exporting needs transformers: pip install 'megatron-rlhf[hf]'") from None
+    model = model_config_from_meta(meta)
+    common = dict(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], tie_word_embeddings=arch.tied)
+    if arch.llama:
+        cfg = LlamaConfig(
+            vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.ffn, num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.heads, num_key_value_heads=arch.groups, head_dim=arch.head_dim,
+            max_position_embeddings=arch.seq_length, rms_norm_eps=model.norm_epsilon, rope_theta=float(model.rotary_base),
+            hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=model.attention_dropout, **common,
+        )
+        cls = "LlamaForSequenceClassification" if arch.head == "score" else "LlamaForCausalLM"
+    else:
+        cfg = GPT2Config(
+            vocab_size=arch.vocab, n_positions=arch.seq_length, n_embd=arch.hidden, n_layer=arch.num_layers, n_head=arch.heads,
+            n_inner=arch.ffn, activation_function="gelu", layer_norm_epsilon=model.norm_epsilon,
+            resid_pdrop=model.hidden_dropout, embd_pdrop=model.hidden_dropout, attn_pdrop=model.attention_dropout, **common,
+        )
+        cls = "GPT2ForSequenceClassification" if arch.head == "score" else "GPT2LMHeadModel"
+    cfg.architectures = [cls]
+    if arch.head == "score":
+        cfg.num_labels = 1
+        cfg.rlhf_score_bias = float(score_bias or 0.0)
+    import transformers
+
+    # transformers 5 renamed torch_dtype to dtype (4.x reads torch_dtype)
+    setattr(cfg, "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype", dtype)
+    cfg.megatron_rlhf = extra
+    return cfg
+
+
+def plan_shards(entries, max_bytes: int):
+    shards, current, size = [], [], 0
+    for entry in entries:
+        b = nbytes(entry[1], entry[2])
+        if current and size + b > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += b
+    if current:
+        shards.append(current)
+    return shards
+
+
+def convert_to_hf(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    network: Optional[str] = None,
+    dtype: Optional[str] = None,
+    max_shard_size: str = "2GB",
+    tokenizer: Optional[str] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Export; returns a summary (class, dtype, files, RM bias handling, tokenizer check)."""
+    from megatron_rlhf.progress import progress as progress_bar
+
+    ckpt = ckpt_lib.resolve_checkpoint(ckpt)
+    meta = ckpt_lib.read_meta(ckpt)
+    network = network or default_network(meta, ckpt)
+    reader = open_network(ckpt, meta, network)
+    arch = checkpoint_arch(reader, meta)
+    tok = checkpoint_tokenizer(ckpt, meta, tokenizer)
+    out_dtype = parse_dtype(dtype) or parse_dtype((meta.get("hf_source") or {}).get("torch_dtype")) or reader.dtype(WORD_EMB)
+
+    score_bias = float(reader.read(OUTPUT_B).reshape(-1)[0]) if arch.head == "score" else None
+    fold = score_bias if (arch.head == "score" and not arch.llama) else 0.0
+    ids = special_ids(tok)
+    extra = {"source_checkpoint": str(ckpt.resolve()), "network": network, "kind": meta.get("kind"), "iteration": meta.get("iteration")}
+    cfg = hf_config(arch, meta, ids, out_dtype, None if score_bias is None else (0.0 if fold else score_bias), extra)
+    if fold:
+        extra["score_bias_folded_into"] = "transformer.ln_f.bias"
+        extra["score_bias"] = score_bias
+
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, overwrite)
+    entries = [(name, shape, out_dtype) for name, shape in hf_shapes(arch)]
+    shards = plan_shards(entries, parse_size(max_shard_size))
+    names = [SINGLE_NAME] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    where = {e[0]: s for s, shard in enumerate(shards) for e in shard}
+    writers = {}
+    bar = progress_bar(total=len(entries), desc="convert_to_hf", unit="tensor", enable=progress)
+    for name, tensor in hf_tensors(arch, reader.read, score_bias_into_final_norm=fold):
+        s = where[name]
+        if s not in writers:
+            for done in [k for k in writers if k < s]:
+                writers.pop(done).close()
+            writers[s] = SafetensorsWriter(out_dir / names[s], shards[s])
+        writers[s].write(name, tensor.to(out_dtype))
+        del tensor
+        bar.update(1)
+    for w in writers.values():
+        w.close()
+    bar.close()
+    total = sum(nbytes(e[1], e[2]) for e in entries)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {e[0]: names[where[e[0]]] for e in entries}}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    cfg.save_pretrained(str(out_dir))
+    if arch.head == "lm":
+        from transformers import GenerationConfig
+
+        GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(str(out_dir))
+    tok_report = write_hf_tokenizer(tok, out_dir, arch.seq_length)
+    return {
+        "out_dir": str(out_dir),
+        "architecture": cfg.architectures[0],
+        "dtype": dtype_name(out_dtype),
+        "files": names,
+        "bytes": total,
+        "score_bias": score_bias,
+        "score_bias_handling": None if score_bias is None else ("folded into transformer.ln_f.bias" if fold else "config.json rlhf_score_bias (add it to the logits)"),
+        "tokenizer_mismatches": tok_report["mismatches"],
+        "tokenizer_json": tok_report["fast"],
+        "special_ids": ids,
+    }
