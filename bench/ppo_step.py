@@ -76,8 +76,6 @@ def _phases(rollout_s, generate_s, train_s, new_tokens, spec):
 
 
 def child_ours(spec):
-    import torch
-
     from megatron_rlhf.algorithms.kl import FixedKLController
     from megatron_rlhf.config import Config, ModelConfig, ParallelConfig, PPOConfig, TrainConfig
     from megatron_rlhf.data.sft import SftExample
@@ -157,7 +155,7 @@ def child_baseline(spec):
     import contextlib
 
     import torch
-    from transformers import AutoModel, GenerationConfig
+    from transformers import GenerationConfig
 
     from megatron_rlhf.algorithms import advantages as adv_lib
     from megatron_rlhf.algorithms import ppo as ppo_lib
