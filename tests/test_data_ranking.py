@@ -129,8 +129,8 @@ def test_tiny_example_data():
     tok = Tokenizer.load(os.path.join(REPO, "examples/tiny/tokenizer.model"))
     data = os.path.join(REPO, "examples/tiny/data")
     examples, stats = load_comparisons(os.path.join(data, "rm_train.jsonl"), tok, 64)
-    assert len(examples) == 1500 and stats.truncated == stats.dropped == 0
-    assert {len(e.ranks) for e in examples} == {2, 3, 4, 5, 6}
+    assert len(examples) == 2000 and stats.truncated == stats.dropped == 0
+    assert {len(e.ranks) for e in examples} == {4, 5, 6, 7, 8, 9}  # InstructGPT's K
     pairwise, _ = load_comparisons(os.path.join(data, "rm_pairwise_sample.jsonl"), tok, 64)
     assert all(e.ranks == [1, 2] for e in pairwise)
     batch = collate_comparisons(examples[:4], tok.pad_id, max_len=64)

@@ -37,9 +37,11 @@ ITEMS = {name: spec[3].split() for name, spec in CATEGORIES.items()}
 PHRASINGS = ["List {n} {noun}.", "Name {n} {noun}.", "Give me {n} {noun}.", "Write {n} {noun}.",
              "Can you name {n} {noun}?", "Please list {n} {noun}."]
 MAX_COUNT = 5
-SIZES = {"sft_train": 2000, "sft_valid": 200, "rm_train": 1500, "rm_valid": 200, "rm_pairwise_sample": 20,
+SIZES = {"sft_train": 2000, "sft_valid": 200, "rm_train": 2000, "rm_valid": 200, "rm_pairwise_sample": 20,
          "ppo_prompts": 500, "pretrain": 1000}
-K_CHOICES = [2, 3, 4, 4, 4, 5, 6]  # responses per RM prompt, mostly 4 like InstructGPT's low end
+# Responses per RM prompt: InstructGPT's K = 4..9. A larger K gives C(K,2) pairs for K
+# forwards, so the tiny RM learns faster per second with it (the paper's argument).
+K_CHOICES = [4, 5, 6, 7, 8, 9]
 
 _all = [item for items in ITEMS.values() for item in items]
 assert len(_all) == len(set(_all)), "an item must belong to one category only"
@@ -71,7 +73,7 @@ def others(rng, category, k):
 def candidate(rng, category, n):
     """One response of random quality (items of the asked category, or not)."""
     good = ITEMS[category]
-    kind = rng.choice(["correct", "correct", "few", "wrong", "all_wrong", "repeat", "long"])
+    kind = rng.choice(["correct", "correct", "few", "wrong", "all_wrong", "long"])
     if kind == "few" and n > 1:
         items = rng.sample(good, rng.randint(1, n - 1))
     elif kind == "wrong":
@@ -80,10 +82,6 @@ def candidate(rng, category, n):
         rng.shuffle(items)
     elif kind == "all_wrong":
         items = others(rng, rng.choice([c for c in CATEGORIES if c != category]), n)
-    elif kind == "repeat" and n > 1:
-        items = rng.sample(good, rng.randint(1, n - 1))
-        items += rng.choices(items, k=n - len(items))
-        rng.shuffle(items)
     elif kind == "long":
         items = rng.sample(good, min(len(good), n + rng.randint(1, 2)))
     else:
