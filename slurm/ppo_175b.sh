@@ -3,9 +3,8 @@
 # Layout: 16 nodes x 8 H100 = 128 GPUs: TP=8 in a node, PP=8 across nodes, DP=2;
 # FP8 (hybrid), distributed optimizer, full activation recomputation; actor + reference 175B,
 # critic + reward model 6B, co-located. Memory plan: 57.2 GiB a GPU at peak (rollout).
-# Known limit: the PPO stage accepts PP=1 only for now (stages/ppo.py: rollout generation
-# has no pipeline stages), so this job stops at start with that error until pipelined
-# generation lands; the dry run warns. See the README, "Running on a cluster".
+# Rollouts are generated through the 8 pipeline stages (models/generation.py); see the
+# README, "Running on a cluster".
 #   sbatch slurm/ppo_175b.sh [key=value ...]     from the repository root (mkdir -p logs first)
 #   bash slurm/ppo_175b.sh [key=value ...]       the same, creating logs/
 #   DRY_RUN=1 bash slurm/ppo_175b.sh             print the layout and srun command and the memory plan; start nothing

@@ -24,14 +24,8 @@ def known_limits(cfg) -> list:
     machine. tests/test_slurm.py holds each one to the stage's own check.
     """
     notes = []
-    pp = cfg.parallel.pipeline_model_parallel_size
-    if cfg.stage == "ppo" and pp > 1:
-        notes.append(
-            f"the PPO stage runs with parallel.pipeline_model_parallel_size=1 only for now (rollout "
-            f"generation has no pipeline stages; megatron_rlhf/stages/ppo.py): with pp={pp} the job stops "
-            f"at start with that error. The layout and memory plan shown are the target for when "
-            f"pipelined generation lands."
-        )
+    # Every stage, PPO included, accepts any TP/PP layout that check_layout() validates (PPO
+    # rollouts are generated through the pipeline stages): nothing to warn about at present.
     return notes
 
 

@@ -1,5 +1,5 @@
 """KV-cache generation: token-identical to full recomputation, EOS/length handling, sampling
-controls, padded-vocabulary masking, rollout tensors, and TP=2 (2 gloo processes) == TP=1."""
+controls, padded-vocabulary masking, rollout tensors, and TP=2 / PP=2 (2 gloo processes) == TP=1."""
 
 import pytest
 import torch
@@ -130,13 +130,9 @@ def test_padded_vocab_never_sampled(model):
         handle.remove()
 
 
-def test_refuses_pipeline_parallel_and_scalar_head(model, monkeypatch):
-    from megatron.core import parallel_state
-
-    with monkeypatch.context() as m:
-        m.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda *a, **k: 2)
-        with pytest.raises(ValueError, match="pipeline_model_parallel_size=1"):
-            generate(model, PROMPTS, 2)
+def test_refuses_scalar_head_and_bad_sampling_settings(model):
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, PROMPTS, 2, temperature=-1.0)
     rm = build_model(tiny_config("gpt2"), ParallelConfig(), VOCAB, scalar_head=True, seed=0)
     with pytest.raises(ValueError, match="scalar"):
         generate(rm, PROMPTS, 2)
@@ -220,3 +216,59 @@ def test_tp2_greedy_equals_tp1():
             assert res[flavour + "/eos"] == expected_eos, (flavour, rank)
         # every TP rank uses TP rank 0's draws
         assert results[0][flavour + "/sampled"] == results[1][flavour + "/sampled"]
+
+
+# ----------------------------------------------------------------------------- PP=2
+
+
+def _pp2_worker(root):
+    """Generate at PP=2 (one layer a stage) from the PP=1 weights saved under ``root``."""
+    from megatron.core import parallel_state
+
+    from megatron_rlhf.training.checkpoint import load_weights, resolve_checkpoint
+
+    out = {}
+    for flavour in ("gpt2", "llama"):
+        parallel = ParallelConfig(pipeline_model_parallel_size=2)
+        init_distributed(parallel, tiny_config(flavour))
+        model = build_model(tiny_config(flavour), parallel, VOCAB, seed=999)  # other weights until loaded
+        load_weights(model, resolve_checkpoint(f"{root}/{flavour}"))
+        eos = generate(model, PROMPTS, 8, temperature=0).responses[1][1]
+        for name, fn in (("kv", generate), ("full", full_recompute_generate)):
+            out[f"{flavour}/{name}"] = fn(model, PROMPTS, 8, temperature=0)
+            out[f"{flavour}/{name}/eos"] = fn(model, PROMPTS, 8, temperature=0, eos_id=eos)
+            out[f"{flavour}/{name}/sampled"] = fn(
+                model, PROMPTS, 8, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5)
+            )
+        out[f"{flavour}/eos_id"] = eos
+        # uneven prompts and the context limit through the stages
+        long_prompt = list(range(1, SEQ_LENGTH - 2))
+        out[f"{flavour}/context"] = generate(model, [long_prompt, [1, 2]], 6, temperature=0)
+    out["pp"] = parallel_state.get_pipeline_model_parallel_world_size()
+    out["stage"] = parallel_state.get_pipeline_model_parallel_rank()
+    return out
+
+
+def test_pp2_generation_equals_pp1(tmp_path):
+    from megatron_rlhf.training.checkpoint import save_checkpoint
+
+    init_distributed(ParallelConfig(), tiny_config("gpt2"))
+    models = {flavour: tiny_model(flavour) for flavour in ("gpt2", "llama")}
+    for flavour, m in models.items():
+        save_checkpoint(tmp_path / flavour, 1, {"model": m}, {"kind": "policy"})
+    results = run_distributed(_pp2_worker, 2, str(tmp_path))
+    assert [(r["pp"], r["stage"]) for r in results] == [(2, 0), (2, 1)]
+    for flavour, tp1 in models.items():
+        eos = results[0][f"{flavour}/eos_id"]
+        expected = {
+            "": generate(tp1, PROMPTS, 8, temperature=0),
+            "/eos": generate(tp1, PROMPTS, 8, temperature=0, eos_id=eos),
+            "/sampled": generate(tp1, PROMPTS, 8, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5)),
+        }
+        assert expected["/eos"] != expected[""]  # eos really cuts a row
+        long_prompt = list(range(1, SEQ_LENGTH - 2))
+        for rank, res in enumerate(results):  # every stage returns the same tokens
+            for name in ("kv", "full"):
+                for suffix, want in expected.items():
+                    assert res[f"{flavour}/{name}{suffix}"] == want, (flavour, name + suffix, rank)
+            assert res[f"{flavour}/context"] == generate(tp1, [long_prompt, [1, 2]], 6, temperature=0), (flavour, rank)

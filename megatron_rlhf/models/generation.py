@@ -34,9 +34,20 @@ each rank samples (so every rank's generator advances the same way and stays in 
 then the tokens chosen by TP rank 0 are broadcast over the TP group and used everywhere.
 Prompts must be identical across the ranks of a TP group (as every Megatron input is).
 
-Pipeline parallelism is not supported: generation needs
-``parallel.pipeline_model_parallel_size=1`` for now (a clear error otherwise). Sequence
-parallelism is refused too (the static context slices the last token of the sequence-
+Pipeline parallelism: every step (the prefill and each decode column) runs through the
+stages in turn. Stage ``i > 0`` receives the ``[s, b, h]`` hidden states of stage ``i - 1``
+(Megatron's ``recv_from_prev_pipeline_rank_``), hands them to its layers with
+``set_input_tensor`` and writes its own layers' keys and values into its own
+``StaticInferenceContext`` (each stage caches only its layers), then sends its output on
+(``send_to_next_pipeline_rank``). The last stage computes the logits and samples (with TP,
+TP rank 0's choice as above); the chosen column is then broadcast from the last stage over
+the pipeline group, so every stage forces/records the same tokens, takes the same stopping
+decision and feeds the same column at the next step. Only the last stage draws from
+``generator`` (other stages leave theirs untouched), so a run with the same generator picks
+the same tokens at any PP size. One batch goes through the stages at a time (no micro-batch
+interleaving across stages during decoding).
+
+Sequence parallelism is refused (the static context slices the last token of the sequence-
 sharded hidden states); reward/value models (scalar head) cannot generate.
 
 Padded vocabulary ids (``>= vocab_size``, untrained embedding-padding rows) are never
@@ -130,6 +141,15 @@ def padded_batch(generation: Generation, pad_id: int = 0, length: Optional[int] 
 # ----------------------------------------------------------------------------- sampling
 
 
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -154,12 +174,7 @@ def sample_tokens(
     Returns:
         ``[b]`` int64 token ids, on ``logits``' device.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    _check_sampling(temperature, top_k, top_p)
     logits = mask_padded_vocab(logits.float(), vocab_size)
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -193,13 +208,6 @@ def _unwrap(model):
 
 
 def _check_can_generate(model) -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError(
-            "generation needs parallel.pipeline_model_parallel_size=1 for now (no pipeline stage "
-            "exchange is implemented for rollouts); use tensor parallelism to fit the policy"
-        )
     inner = _unwrap(model)
     if getattr(inner, "rlhf_scalar_head", False):
         raise ValueError("this model has a scalar (reward/value) head and cannot generate tokens")
@@ -207,15 +215,71 @@ def _check_can_generate(model) -> None:
         raise ValueError("generation does not support parallel.sequence_parallel=true; build the rollout model without it")
 
 
-def _broadcast_from_tp_rank0(tokens: torch.Tensor) -> torch.Tensor:
-    """Make every TP rank use TP rank 0's choice (see module docstring)."""
+def _pipeline_size() -> int:
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return _pipeline_size() == 1 or parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def _stage_forward(model, inner, tokens: torch.Tensor, positions: torch.Tensor, ctx) -> Optional[torch.Tensor]:
+    """One forward of this rank's pipeline stage over ``tokens`` ``[b, s]``.
+
+    Returns the TP-gathered logits ``[b, s or 1, V]`` on the last stage, None on the others
+    (which pass their hidden states on to the next stage).
+    """
+    kwargs = {"runtime_gather_output": True}
+    if ctx is not None:
+        kwargs["inference_context"] = ctx
+    if _pipeline_size() == 1:
+        return model(tokens, positions, None, **kwargs)
+    from megatron.core import parallel_state
+    from megatron.core.inference.communication_utils import recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
+
+    if not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        config = inner.config
+        hidden = torch.empty(
+            (tokens.shape[1], tokens.shape[0], config.hidden_size),
+            dtype=config.pipeline_dtype or config.params_dtype,
+            device=tokens.device,
+        )
+        recv_from_prev_pipeline_rank_(hidden)
+        inner.set_input_tensor(hidden)
+    output = model(tokens, positions, None, **kwargs)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return output
+    send_to_next_pipeline_rank(output.contiguous())
+    return None
+
+
+def _share_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Make every rank of the model-parallel group use the last stage's TP rank 0's choice.
+
+    ``tokens`` ``[b]`` int64: the sampled ids on the last pipeline stage; a buffer of the
+    same shape elsewhere (see the module docstring).
+    """
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return tokens
+    if _is_last_stage() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
             tokens,
             src=parallel_state.get_tensor_model_parallel_src_rank(),
             group=parallel_state.get_tensor_model_parallel_group(),
+        )
+    if _pipeline_size() > 1:
+        torch.distributed.broadcast(
+            tokens,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
         )
     return tokens
 
@@ -234,6 +298,8 @@ def _run(
     vocab_size: Optional[int],
 ) -> Generation:
     _check_can_generate(model)
+    # checked on every rank: under PP only the last stage samples, the others would wait for it
+    _check_sampling(temperature, top_k, top_p)
     inner = _unwrap(model)
     if vocab_size is None:
         vocab_size = getattr(inner, "rlhf_vocab_size", None)
@@ -279,20 +345,20 @@ def _run(
     try:
         with torch.no_grad():
             for t in range(start, total if max_new_tokens > 0 else start):
+                # with the cache: prefill the common prefix once, then one column at a time
+                lo = 0 if ctx is None or t == start else t - 1
+                logits = _stage_forward(model, inner, tokens[:, lo:t], positions[:, lo:t], ctx)
                 if ctx is not None:
-                    # prefill the common prefix once, then one column at a time
-                    lo = 0 if t == start else t - 1
-                    logits = model(
-                        tokens[:, lo:t], positions[:, lo:t], None, inference_context=ctx, runtime_gather_output=True
-                    )
                     ctx.sequence_len_offset += t - lo
                     if t >= max(lengths):
                         ctx.enable_decode_mode()  # every row is generating now
+                if logits is not None:  # the last pipeline stage
+                    # logits[:, -1]: [b, V], the distribution of the token at t
+                    sampled = sample_tokens(logits[:, -1, :], temperature, top_k, top_p, generator, vocab_size)
+                    sampled = sampled.to(torch.long).contiguous()
                 else:
-                    logits = model(tokens[:, :t], positions[:, :t], None, runtime_gather_output=True)
-                logits = logits[:, -1, :]  # [b, V]: the distribution of the token at t
-                sampled = sample_tokens(logits, temperature, top_k, top_p, generator, vocab_size)
-                sampled = _broadcast_from_tp_rank0(sampled.to(torch.long).contiguous())
+                    sampled = torch.empty(b, dtype=torch.long, device=device)
+                sampled = _share_tokens(sampled)
 
                 in_prompt = t < prompt_len
                 generating = ~in_prompt & ~done & (t < end)
@@ -333,7 +399,8 @@ def generate(
 
     Args:
         model: our GPTModel (``build_model``, language-model head; possibly DDP-wrapped),
-            any TP size, ``pipeline_model_parallel_size=1``. Put in eval mode for the call
+            this rank's TP/PP shard; every rank of the model-parallel group calls with the
+            same arguments. Put in eval mode for the call
             and restored to its previous mode afterwards; runs under ``torch.no_grad()``.
         prompts: ``b`` lists of token ids (lengths may differ; at least one token each).
         max_new_tokens: the most tokens to generate per prompt (eos included).

@@ -18,8 +18,13 @@ Each iteration:
 The four models share the job's layout and devices: the actor (from SFT) and critic (from
 the RM) train; the reference (SFT) and reward model are frozen (no grads, no optimizer
 state) and can live in CPU memory between scoring phases (``ppo.offload_frozen``).
-Left out on purpose: generation under pipeline parallelism (PPO needs PP=1 for now), and
-a separate rollout engine (vLLM): rollouts use Megatron's own static KV cache.
+Any TP/PP layout: rollouts are generated through the pipeline stages (the last stage samples
+and broadcasts the tokens, see ``models/generation.py``); log-probs, values and rewards come
+from Megatron's forward-only schedule and are broadcast from the last stage, so every rank
+holds the whole rollout batch; the update runs Megatron's 1F1B schedule, whose loss
+functions (and metrics) live on the last stage and are shared by ``run_schedule``.
+Left out on purpose: a separate rollout engine (vLLM): rollouts use Megatron's own static
+KV cache.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ from megatron_rlhf.models.reward import score_sequences
 from megatron_rlhf.stages.common import StageContext, checkpoint_meta, check_compatible, next_global_batch, setup_stage, split_micro
 from megatron_rlhf.training import checkpoint as ckpt_lib
 from megatron_rlhf.training.metrics import MetricsLogger
-from megatron_rlhf.training.trainer import PreemptionFlag, TrainState, lr_now, optimizer_step, run_schedule, wrap_for_training
+from megatron_rlhf.training.trainer import (
+    PreemptionFlag, TrainState, broadcast_from_last_stage, forward_collect, lr_now, optimizer_step, run_schedule, wrap_for_training,
+)
 
 
 @dataclasses.dataclass
@@ -80,23 +87,37 @@ def _seed(*values) -> int:
 # ----------------------------------------------------------------------------- scoring
 
 
+def _logprob_forward(model, tokens, *, vocab_size):
+    logits = model(tokens, _positions(tokens), None)
+    return logits, lambda logits: token_logprobs(logits[:, :-1], tokens[:, 1:], vocab_size)
+
+
+def _value_forward(model, tokens):
+    values = model(tokens, _positions(tokens), None)
+    return values, lambda values: values.squeeze(-1)[:, :-1].float()
+
+
 @torch.no_grad()
+def _per_action(model, tokens, micro_batch_size, forward_fn):
+    """``[b, s-1]`` fp32 per-action outputs of ``model`` on ``tokens`` ``[b, s]``, on every rank.
+
+    Runs Megatron's forward-only schedule (any TP/PP): the outputs exist on the last pipeline
+    stage and are broadcast to the others, since every stage keeps the whole Episodes.
+    """
+    chunks = list(tokens.split(micro_batch_size))
+    outputs = forward_collect(model, chunks, forward_fn, tokens.shape[1], micro_batch_size)
+    result = torch.cat(outputs).float() if outputs is not None else None
+    return broadcast_from_last_stage(result, (tokens.shape[0], tokens.shape[1] - 1))
+
+
 def sequence_logprobs(model, tokens, vocab_size, micro_batch_size):
     """Log-prob of every next token, ``[b, s-1]``, from vocab-parallel logits (no gather)."""
-    model.eval()
-    out = []
-    for start in range(0, tokens.shape[0], micro_batch_size):
-        chunk = tokens[start : start + micro_batch_size]
-        logits = model(chunk, _positions(chunk), None)
-        out.append(token_logprobs(logits[:, :-1], chunk[:, 1:], vocab_size))
-    return torch.cat(out)
+    return _per_action(model, tokens, micro_batch_size, partial(_logprob_forward, vocab_size=vocab_size))
 
 
-@torch.no_grad()
 def sequence_values(model, tokens, micro_batch_size):
-    model.eval()
-    out = [model(c, _positions(c), None).squeeze(-1)[:, :-1].float() for c in tokens.split(micro_batch_size)]
-    return torch.cat(out)
+    """Critic value of the state before every action, ``[b, s-1]``."""
+    return _per_action(model, tokens, micro_batch_size, _value_forward)
 
 
 def _offload(model, to_cpu: bool):
@@ -163,8 +184,6 @@ class PPOTrainer:
     def __init__(self, ctx: StageContext):
         cfg, self.ctx, self.cfg = ctx.cfg, ctx, ctx.cfg
         ppo = cfg.ppo
-        if cfg.parallel.pipeline_model_parallel_size != 1:
-            raise ConfigError("PPO needs parallel.pipeline_model_parallel_size=1 for now (rollout generation runs without PP); use TP and data parallelism")
         if not cfg.model.init_from:
             raise ConfigError("PPO starts the actor and reference from an SFT checkpoint: set model.init_from=<sft run or checkpoint>")
         if not ppo.reward_model:
@@ -211,6 +230,11 @@ class PPOTrainer:
             )
         self.updates_per_step = ppo.ppo_epochs * (rollout_per_rank // (ppo.mini_batch_size // ctx.dp))
         total_updates = self.total_steps * self.updates_per_step
+        if cfg.parallel.pipeline_model_parallel_size > 1:
+            # Episodes and pretraining micro-batches differ in width (and a last micro-batch
+            # may have fewer rows): the pipeline stages exchange shapes before each transfer.
+            for model in (self.actor, self.critic, self.reference, self.reward_model):
+                model.config.variable_seq_lengths = True
         self.actor, self.actor_opt, self.actor_sched = wrap_for_training(self.actor, cfg.parallel, cfg.train, total_steps=total_updates)
         self.critic, self.critic_opt, self.critic_sched = wrap_for_training(self.critic, cfg.parallel, cfg.train, lr=ppo.critic_lr, total_steps=total_updates)
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)

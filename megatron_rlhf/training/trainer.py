@@ -134,6 +134,71 @@ def run_schedule(
     return {name: (totals[i, 0] / totals[i, 1]).item() for i, name in enumerate(metric_names) if totals[i, 1] > 0}
 
 
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _collect_step(forward_fn, data_iterator, model):
+    batch = next(data_iterator)
+    output, read = forward_fn(model, batch)
+    return output, lambda out, non_loss_data=False: read(out)
+
+
+def forward_collect(model, microbatches: list, forward_fn: Callable, seq_length: int, micro_batch_size: int):
+    """Forward-only pass of Megatron's schedule that returns what ``read`` gives per micro-batch.
+
+    ``forward_fn(model, batch)`` returns ``(output, read)``; ``read(output)`` runs on the last
+    pipeline stage. Returns the list of ``read`` results, in micro-batch order, on the last
+    stage and None on the others (share them with :func:`broadcast_from_last_stage`).
+    Micro-batches may differ in rows and width (under PP the stages exchange shapes first).
+    The model is put in eval mode and restored afterwards; call under ``torch.no_grad()``.
+    """
+    inner = _unwrap(model)
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    previous_variable = inner.config.variable_seq_lengths
+    inner.config.variable_seq_lengths = previous_variable or pipelined
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(_collect_step, forward_fn),
+            data_iterator=iter(microbatches),
+            model=[model],
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    finally:
+        inner.config.variable_seq_lengths = previous_variable
+        model.train(was_training)
+    return list(outputs) if parallel_state.is_pipeline_last_stage() else None
+
+
+def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype=torch.float32) -> torch.Tensor:
+    """``tensor`` (given on the last pipeline stage) on every stage of this rank's pipeline group.
+
+    Elsewhere pass None: a buffer of ``shape``/``dtype`` is received. A no-op without PP.
+    """
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    if parallel_state.is_pipeline_last_stage():
+        tensor = tensor.to(device=device, dtype=dtype).contiguous()
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"broadcast_from_last_stage: expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    else:
+        tensor = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            tensor,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return tensor
+
+
 def grads_are_finite(model) -> bool:
     """True when every gradient on every rank is finite (the NaN/inf guard)."""
     finite = torch.ones(1, dtype=torch.float32)
