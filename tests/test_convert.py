@@ -273,6 +273,7 @@ def test_logit_parity_and_bitwise_round_trip(work, ours, flavour):
     got = ours["results"][flavour]["logits"]
     assert got.shape == ref.shape
     assert ref.abs().max() > 1.0  # a real signal, not near-zero logits
+    print(f"{flavour}: ours vs transformers, max |logit diff| {(got - ref).abs().max().item():.2e}")
     assert (got - ref).abs().max().item() < 1e-4
 
     ckpt = work["root"] / f"ours_{flavour}"
@@ -297,6 +298,7 @@ def test_tp2_pp2_checkpoint_parity_and_export(work, ours, tmp_path):
     for flavour in ours_dirs:
         ref = _hf_logits(work["hf"][flavour], ids)
         assert torch.equal(ranks[0][flavour], ranks[1][flavour])
+        print(f"{flavour}: ours at TP=2 vs transformers, max |logit diff| {(ranks[0][flavour] - ref).abs().max().item():.2e}")
         assert (ranks[0][flavour] - ref).abs().max().item() < 1e-4
         for layout, key in (("tp2", "tensor_model_parallel_size"), ("pp2", "pipeline_model_parallel_size")):
             saved = tmp_path / f"{layout}_{flavour}"
@@ -334,6 +336,7 @@ def test_reward_model_export_scores_match(work, ours, flavour):
     logits, reward, cfg = _hf_rewards(out, [row[: n + 1].tolist() for row, n in zip(rm_ids, last)])
     expected = ours["results"][flavour]["rm_scores"]
     assert expected.abs().max() > 0.1
+    print(f"{flavour} RM: exported vs ours, max |reward diff| {(reward - expected).abs().max().item():.2e}")
     assert (reward - expected).abs().max().item() < 1e-4
     if flavour == "gpt2":
         assert cfg["rlhf_score_bias"] == 0.0  # folded into ln_f.bias: the plain logits are the reward
@@ -355,6 +358,7 @@ def test_reward_model_export_scores_match(work, ours, flavour):
     ]
     _, reward, _ = _hf_rewards(out, sequences)
     cli_rewards = torch.tensor([r["reward"] for r in scored])
+    print(f"{flavour} RM: exported vs `megatron-rlhf score`, max |reward diff| {(reward - cli_rewards).abs().max().item():.2e}")
     assert (reward - cli_rewards).abs().max().item() < 1e-4
 
 
