@@ -2,7 +2,8 @@
 # InstructGPT stage 3, PPO-ptx, 175B (examples/instructgpt/ppo_175b.yaml).
 # Layout: 16 nodes x 8 H100 = 128 GPUs: TP=8 in a node, PP=8 across nodes, DP=2;
 # FP8 (hybrid), distributed optimizer, full activation recomputation; actor + reference 175B,
-# critic + reward model 6B, co-located. Memory plan: 57.2 GiB a GPU at peak (rollout).
+# critic + reward model 6B, co-located; no sequence parallelism (PPO refuses it). Memory plan:
+# 59.9 GiB a GPU at peak (rollout).
 # Rollouts are generated through the 8 pipeline stages (models/generation.py); see the
 # README, "Running on a cluster".
 #   sbatch slurm/ppo_175b.sh [key=value ...]     from the repository root (mkdir -p logs first)

@@ -77,8 +77,24 @@ def test_175b_configs_are_gpt3_175b_with_fp8_dist_opt_recompute():
         assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == (96, 12288, 96, 2048), stage
         assert m.recompute_granularity == "full", stage
     cfg = load_config(str(ROOT / "examples/instructgpt/ppo_175b.yaml"))
-    assert cfg.model.fp8 == "hybrid" and cfg.parallel.use_distributed_optimizer and cfg.parallel.sequence_parallel
+    assert cfg.model.fp8 == "hybrid" and cfg.parallel.use_distributed_optimizer
     assert cfg.parallel.tensor_model_parallel_size == 8
+    # Sequence parallelism where the stage runs it: SFT and RM yes, PPO (KV-cache rollouts) no.
+    assert [load_config(str(ROOT / f"examples/instructgpt/{st}_175b.yaml")).parallel.sequence_parallel
+            for st in ("sft", "rm", "ppo")] == [True, True, False]
+
+
+@pytest.mark.parametrize("path", EXAMPLES)
+def test_every_example_config_passes_its_stages_own_checks(path):
+    """The checks a stage makes on the config before it builds anything (the same functions
+    its run() calls first): an example they refuse would fail on a cluster only once the
+    allocation has started."""
+    from megatron_rlhf.stages.ppo import check_ppo_config
+    from megatron_rlhf.stages.rm import check_rm_config
+
+    checks = {"sft": lambda cfg: None, "rm": check_rm_config, "ppo": check_ppo_config}  # sft: load_config's validation
+    stage = Path(path).stem.split("_")[0]
+    checks[stage](load_config(str(ROOT / path), stage=stage))
 
 
 # ----------------------------------------------------------------------------- dry runs

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rlhf.config import ConfigError, ModelConfig, ParallelConfig
@@ -139,9 +140,16 @@ class ScalarHead(torch.nn.Module):
 
     It stands in for GPTModel's ``output_layer`` and keeps its call contract
     (``(output, bias)``), so GPTModel returns ``[b, s, 1]`` values instead of logits.
+
+    Under sequence parallelism the final hidden state reaches the head split along the
+    sequence (``[s/tp, b, h]`` on each TP rank); the head all-gathers it first, so every TP
+    rank returns the values of every position. The head is replicated, so each rank's
+    gradient with respect to the gathered state is already the full one: the backward only
+    keeps this rank's slice (``tensor_parallel_output_grad=False``), where a reduce-scatter
+    would sum TP identical copies.
     """
 
-    def __init__(self, hidden_size: int, init_std: float):
+    def __init__(self, hidden_size: int, init_std: float, sequence_parallel: bool = False):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(1, hidden_size))
         self.bias = torch.nn.Parameter(torch.zeros(1))
@@ -149,8 +157,12 @@ class ScalarHead(torch.nn.Module):
         # Replicated on every TP rank: Megatron's grad-norm and DDP read this attribute.
         self.weight.tensor_model_parallel = False
         self.bias.tensor_model_parallel = False
+        # Read (and, for inference, switched) by GPTModel like ColumnParallelLinear's.
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, hidden, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return F.linear(hidden.float(), self.weight.float(), self.bias.float()), None
 
 
@@ -187,7 +199,7 @@ def build_model(
         rotary_base=int(model.rotary_base),
     )
     if scalar_head and gpt.post_process:
-        gpt.output_layer = ScalarHead(model.hidden_size, model.init_method_std)
+        gpt.output_layer = ScalarHead(model.hidden_size, model.init_method_std, sequence_parallel=config.sequence_parallel)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     gpt.rlhf_vocab_size = vocab_size  # the unpadded size, for log-probs and export

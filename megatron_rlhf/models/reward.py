@@ -59,8 +59,8 @@ def read_rewards(values: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor
     if values.dim() != 2 or values.shape[0] != last_index.shape[0]:
         raise ValueError(f"expected values [b, s(, 1)] for {last_index.shape[0]} rows, got {tuple(values.shape)}")
     if values.shape[1] <= int(last_index.max()):
-        # Sequence parallelism would leave each rank a slice of the positions; ScalarHead
-        # does not gather them (the RM and score refuse sequence_parallel for this reason).
+        # A hidden state still split along the sequence (sequence parallelism) would leave
+        # each rank a slice of the positions; ScalarHead gathers it, so this is a bug guard.
         raise ValueError(f"values cover {values.shape[1]} positions but a row ends at {int(last_index.max())}")
     return values.gather(1, last_index.to(values.device).unsqueeze(1)).squeeze(1).float()
 

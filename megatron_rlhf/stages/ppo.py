@@ -180,14 +180,30 @@ def _global_sum(x: float) -> float:
 # ----------------------------------------------------------------------------- the stage
 
 
+def check_ppo_config(cfg: Config) -> None:
+    """PPO's checks on the config alone, made before anything is loaded or built
+    (tests/test_slurm.py runs them on every example config)."""
+    if cfg.parallel.sequence_parallel:
+        # Megatron fixes sequence parallelism in the modules when it builds them, and a
+        # KV-cache decode step (one token) cannot be split along the sequence across TP ranks.
+        raise ConfigError(
+            "PPO does not support parallel.sequence_parallel=true: its rollouts decode one token at a time, which "
+            "cannot be split along the sequence across tensor-parallel ranks; set parallel.sequence_parallel=false "
+            "(the SFT and RM stages support it)"
+        )
+    if not cfg.model.init_from:
+        raise ConfigError("PPO starts the actor and reference from an SFT checkpoint: set model.init_from=<sft run or checkpoint>")
+    if not cfg.ppo.reward_model:
+        raise ConfigError("set ppo.reward_model=<reward model run or checkpoint> (the critic starts from it too)")
+    if cfg.ppo.ptx_coef and not cfg.ppo.pretrain_path:
+        raise ConfigError(f"ppo.ptx_coef={cfg.ppo.ptx_coef} needs pretraining text: set ppo.pretrain_path (JSONL of {{\"text\": ...}})")
+
+
 class PPOTrainer:
     def __init__(self, ctx: StageContext):
         cfg, self.ctx, self.cfg = ctx.cfg, ctx, ctx.cfg
         ppo = cfg.ppo
-        if not cfg.model.init_from:
-            raise ConfigError("PPO starts the actor and reference from an SFT checkpoint: set model.init_from=<sft run or checkpoint>")
-        if not ppo.reward_model:
-            raise ConfigError("set ppo.reward_model=<reward model run or checkpoint> (the critic starts from it too)")
+        check_ppo_config(cfg)
         tok = ctx.tokenizer
         self.vocab = tok.vocab_size
         sft = ckpt_lib.resolve_checkpoint(cfg.model.init_from)
@@ -363,6 +379,7 @@ class PPOTrainer:
 
 
 def run(cfg: Config) -> dict:
+    check_ppo_config(cfg)
     ctx = setup_stage(cfg)
     trainer = PPOTrainer(ctx)
     resumed = trainer.resume()

@@ -102,8 +102,6 @@ def load_reward_model(checkpoint: str, parallel: ParallelConfig = ParallelConfig
             f"{ckpt} is a {meta.get('kind', 'unknown')!r} checkpoint, not a reward model; "
             "give the output of `megatron-rlhf rm` (its output_dir or an iter_N folder)"
         )
-    if parallel.sequence_parallel:
-        raise ConfigError("scoring does not support sequence parallelism (the scalar head reads every position)")
     tokenizer = Tokenizer.load(ckpt / "tokenizer.model")
     model_cfg = model_config_from_meta(meta, str(ckpt / "tokenizer.model"))
     init_distributed(parallel, model_cfg)
