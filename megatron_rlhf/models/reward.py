@@ -21,15 +21,12 @@ exist on the last stage and are broadcast to the others).
 
 from __future__ import annotations
 
-from functools import partial
 from typing import List, NamedTuple, Sequence
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rlhf.data import pad_sequences
+from megatron_rlhf.training.trainer import broadcast_from_last_stage, forward_collect
 
 
 class ScoreBatch(NamedTuple):
@@ -72,13 +69,8 @@ def value_forward(model, batch):
     return model(batch.tokens, batch.position_ids, None)
 
 
-def _collect(last_index, values, non_loss_data=False):
-    return read_rewards(values, last_index).detach()
-
-
-def _score_step(data_iterator, model):
-    batch = next(data_iterator)
-    return value_forward(model, batch), partial(_collect, batch.last_index)
+def _score_forward(model, batch):
+    return value_forward(model, batch), lambda values: read_rewards(values, batch.last_index).detach()
 
 
 def _to_device(batch: ScoreBatch) -> ScoreBatch:
@@ -110,38 +102,14 @@ def score_sequences(
     for start in range(0, n, micro_batch_size):
         chunk = [token_lists[i] for i in order[start : start + micro_batch_size]]
         batches.append(_to_device(ScoreBatch(*pad_sequences(chunk, pad_id, pad_to_multiple_of))))
-    inner = unwrap(model)
-    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    # Micro-batches differ in rows and width: under PP, stages exchange shapes first.
-    previous_variable = inner.config.variable_seq_lengths
-    inner.config.variable_seq_lengths = previous_variable or pipelined
-    was_training = model.training
-    model.eval()
-    try:
-        outputs = get_forward_backward_func()(
-            forward_step_func=_score_step,
-            data_iterator=iter(batches),
-            model=[model],
-            num_microbatches=len(batches),
-            seq_length=max(b.tokens.shape[1] for b in batches),
-            micro_batch_size=max(b.tokens.shape[0] for b in batches),
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
-    finally:
-        inner.config.variable_seq_lengths = previous_variable
-        model.train(was_training)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    if parallel_state.is_pipeline_last_stage():
-        sorted_rewards = torch.cat([o.float() for o in outputs]).to(device)
-    else:
-        sorted_rewards = torch.empty(n, dtype=torch.float32, device=device)
-    if pipelined:
-        dist.broadcast(
-            sorted_rewards,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
+    outputs = forward_collect(
+        model,
+        batches,
+        _score_forward,
+        seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=max(b.tokens.shape[0] for b in batches),
+    )
+    sorted_rewards = broadcast_from_last_stage(torch.cat([o.float() for o in outputs]) if outputs is not None else None, (n,))
     rewards = torch.empty(n, dtype=torch.float32)
     rewards[torch.tensor(order)] = sorted_rewards.cpu()
     return rewards
