@@ -96,6 +96,20 @@ def _report(loss_fn, output):
     return loss_sum, torch.as_tensor(count, dtype=torch.int).reshape(()), packed
 
 
+def _schedule(step_func, model, microbatches: list, seq_length: int, micro_batch_size: int, forward_only: bool, collect_non_loss_data: bool = False):
+    """One call of Megatron's schedule (1F1B with PP>1) over ``microbatches``."""
+    return get_forward_backward_func()(
+        forward_step_func=step_func,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
+    )
+
+
 def run_schedule(
     model,
     microbatches: list,
@@ -110,15 +124,7 @@ def run_schedule(
     Metrics are (sum, count) pairs summed over micro-batches and data-parallel ranks on the
     last pipeline stage, then shared with every rank so any rank may log them.
     """
-    results = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, forward_fn),
-        data_iterator=iter(microbatches),
-        model=[model],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    results = _schedule(partial(_forward_step, forward_fn), model, microbatches, seq_length, micro_batch_size, forward_only)
     totals = torch.zeros(len(metric_names), 2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage():
         for item in results:
@@ -162,15 +168,8 @@ def forward_collect(model, microbatches: list, forward_fn: Callable, seq_length:
     was_training = model.training
     model.eval()
     try:
-        outputs = get_forward_backward_func()(
-            forward_step_func=partial(_collect_step, forward_fn),
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-            collect_non_loss_data=True,
+        outputs = _schedule(
+            partial(_collect_step, forward_fn), model, microbatches, seq_length, micro_batch_size, forward_only=True, collect_non_loss_data=True
         )
     finally:
         inner.config.variable_seq_lengths = previous_variable
