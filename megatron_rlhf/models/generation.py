@@ -284,19 +284,40 @@ def _share_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def _run(
+def generate(
     model,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    use_kv_cache: bool,
-    eos_id: Optional[int],
-    pad_id: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: Optional[torch.Generator],
-    vocab_size: Optional[int],
+    *,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    use_kv_cache: bool = True,
 ) -> Generation:
+    """Sample a response for every prompt with a KV cache (see the module docstring).
+
+    Args:
+        model: our GPTModel (``build_model``, language-model head; possibly DDP-wrapped),
+            this rank's TP/PP shard; every rank of the model-parallel group calls with the
+            same arguments. Put in eval mode for the call
+            and restored to its previous mode afterwards; runs under ``torch.no_grad()``.
+        prompts: ``b`` lists of token ids (lengths may differ; at least one token each).
+        max_new_tokens: the most tokens to generate per prompt (eos included).
+        eos_id: stop a row when it emits this id; None: never stop early.
+        pad_id: fills finished rows (never part of ``Generation.sequences``).
+        temperature, top_k, top_p, generator: see :func:`sample_tokens`. Greedy: temperature=0.
+        vocab_size: the real vocabulary (padded ids are never sampled); default
+            ``model.rlhf_vocab_size``.
+        use_kv_cache: False re-runs the whole prefix every step
+            (:func:`full_recompute_generate`).
+
+    Returns:
+        :class:`Generation`; use ``.to_batch()`` for ``[b, s]`` tensors.
+    """
     _check_can_generate(model)
     # checked on every rank: under PP only the last stage samples, the others would wait for it
     _check_sampling(temperature, top_k, top_p)
@@ -382,56 +403,11 @@ def _run(
     )
 
 
-def generate(
-    model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    eos_id: Optional[int] = None,
-    pad_id: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    vocab_size: Optional[int] = None,
-) -> Generation:
-    """Sample a response for every prompt with a KV cache (see the module docstring).
-
-    Args:
-        model: our GPTModel (``build_model``, language-model head; possibly DDP-wrapped),
-            this rank's TP/PP shard; every rank of the model-parallel group calls with the
-            same arguments. Put in eval mode for the call
-            and restored to its previous mode afterwards; runs under ``torch.no_grad()``.
-        prompts: ``b`` lists of token ids (lengths may differ; at least one token each).
-        max_new_tokens: the most tokens to generate per prompt (eos included).
-        eos_id: stop a row when it emits this id; None: never stop early.
-        pad_id: fills finished rows (never part of ``Generation.sequences``).
-        temperature, top_k, top_p, generator: see :func:`sample_tokens`. Greedy: temperature=0.
-        vocab_size: the real vocabulary (padded ids are never sampled); default
-            ``model.rlhf_vocab_size``.
-
-    Returns:
-        :class:`Generation`; use ``.to_batch()`` for ``[b, s]`` tensors.
-    """
-    return _run(model, prompts, max_new_tokens, True, eos_id, pad_id, temperature, top_k, top_p, generator, vocab_size)
-
-
-def full_recompute_generate(
-    model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    eos_id: Optional[int] = None,
-    pad_id: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    vocab_size: Optional[int] = None,
-) -> Generation:
+def full_recompute_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> Generation:
     """:func:`generate` without a KV cache: the whole prefix runs through the model every step.
 
     Quadratic cost; the reference the KV-cache path is tested against (same loop, same
-    sampling calls, so the same generator state gives the same draws).
+    sampling calls, so the same generator state gives the same draws). Takes the keyword
+    arguments of :func:`generate`.
     """
-    return _run(model, prompts, max_new_tokens, False, eos_id, pad_id, temperature, top_k, top_p, generator, vocab_size)
+    return generate(model, prompts, max_new_tokens, use_kv_cache=False, **options)
