@@ -286,14 +286,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--child":
         return bc.child_main(argv, {"ours": child_ours, "baseline": child_baseline})
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(bc.SHAPES), help="model shape (layers, hidden, heads); 'tiny' for CPU smoke runs")
-    p.add_argument("--flavour", choices=["llama", "gpt2"], default="llama")
-    p.add_argument("--num-layers", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--num-attention-heads", type=int)
-    p.add_argument("--num-query-groups", type=int)
-    p.add_argument("--ffn-hidden-size", type=int)
-    p.add_argument("--vocab-size", type=int, help="default 32000 (llama) / 50257 (gpt2); tiny: 512")
+    bc.add_shape_args(p)
     p.add_argument("--batch", type=int, default=64, help="prompts (episodes) per iteration")
     p.add_argument("--prompt-length", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -328,9 +321,7 @@ def main(argv=None) -> int:
     device_tag = "cpu" if info["device"] == "cpu" else info["device"].replace(" ", "_").lower()
     total = args.prompt_length + args.max_new_tokens
     ptx_length = args.ptx_length or total
-    m = bc.model_config(args.preset, args.flavour, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                        ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size, seq_length=max(total, ptx_length))
+    m = bc.model_config_from_args(args, args.preset, max(total, ptx_length))
     m = dataclasses.replace(m, precision=precision, fp8="hybrid" if args.fp8 else None, transformer_impl=args.transformer_impl,
                             recompute_granularity=None if args.recompute == "none" else args.recompute)
     m.validate()

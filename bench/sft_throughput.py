@@ -176,9 +176,7 @@ def build_spec(args, preset, precision, fp8, recompute) -> dict:
 
     tiny = preset == "tiny"
     seq = args.seq_length or (bc.TINY["seq_length"] if tiny else 2048)
-    model = bc.model_config(preset, args.flavour, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                            num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                            ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size, seq_length=seq)
+    model = bc.model_config_from_args(args, preset, seq)
     model = dataclasses.replace(model, precision=precision, fp8="hybrid" if fp8 else None,
                                 recompute_granularity=None if recompute == "none" else recompute,
                                 transformer_impl=args.transformer_impl)
@@ -250,14 +248,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--child":
         return bc.child_main(argv, {"ours": child_ours, "baseline": child_baseline})
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(bc.SHAPES), help="model shape (layers, hidden, heads); 'tiny' for CPU smoke runs")
-    p.add_argument("--flavour", choices=["llama", "gpt2"], default="llama")
-    p.add_argument("--num-layers", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--num-attention-heads", type=int)
-    p.add_argument("--num-query-groups", type=int)
-    p.add_argument("--ffn-hidden-size", type=int)
-    p.add_argument("--vocab-size", type=int, help="default 32000 (llama) / 50257 (gpt2); tiny: 512")
+    bc.add_shape_args(p)
     p.add_argument("--seq-length", type=int, help="default 2048 (tiny: 64)")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
