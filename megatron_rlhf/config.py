@@ -154,9 +154,16 @@ class DataConfig:
 class RMConfig:
     demonstrations_path: str = ""  # SFT demonstrations whose mean reward the bias sets to 0
     normalize: bool = True
+    # Reward centering (Eisenstein et al., 2023; TRL's center_rewards_coefficient): adds
+    # center_coef * mean over a prompt's responses of r^2 to its loss. Eq. 1 sees only
+    # differences within a prompt, so each prompt's reward level drifts freely; a small
+    # coefficient keeps levels comparable across prompts (less noise for PPO's critic).
+    # 0 is the paper's loss.
+    center_coef: float = 0.0
 
     def validate(self) -> None:
-        pass
+        if self.center_coef < 0:
+            raise ConfigError(f"rm.center_coef={self.center_coef} must be >= 0 (0 = InstructGPT's eq. 1 alone)")
 
 
 @dataclass(frozen=True)

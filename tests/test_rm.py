@@ -305,3 +305,31 @@ def test_sft_checkpoint_of_another_vocabulary_is_refused(rm_run):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "tokenizer mismatch" in result.stderr and str(root / "sft_other") in result.stderr
     assert f"vocab {rm_run['other_vocab']}" in result.stderr and "vocab 512" in result.stderr
+
+
+# ------------------------------------------------------------------ reward centering (rm.center_coef)
+
+
+def test_center_coef_adds_each_prompts_mean_squared_reward():
+    from megatron_rlhf.data import ComparisonExample, collate_comparisons
+    from megatron_rlhf.stages.rm import rm_forward
+
+    examples = [ComparisonExample([1, 5], [[6, 2], [7, 2], [8, 2]], [1, 2, 2]), ComparisonExample([1, 9], [[6, 2], [7, 7, 2]], [2, 1])]
+    batch = collate_comparisons(examples, pad_id=0)
+    rewards = torch.tensor([1.5, -0.5, 0.25, 2.0, -1.0])
+
+    def model(tokens, position_ids, mask):  # the reward of row i everywhere in the row
+        return rewards[:, None, None].expand(tokens.shape[0], tokens.shape[1], 1).clone()
+
+    def loss(coef):
+        output, loss_fn = rm_forward(model, batch, center_coef=coef)
+        return loss_fn(output)
+
+    plain, n_prompts, _ = loss(0.0)
+    centered, _, _ = loss(0.1)
+    # eq. 1 by hand: prompt 0 pairs (0>1), (0>2); prompt 1 pair (1>0); summed over prompts
+    eq1 = -(F.logsigmoid(torch.tensor(2.0)) + F.logsigmoid(torch.tensor(1.25))) / 2 - F.logsigmoid(torch.tensor(-3.0))
+    penalty = (1.5**2 + 0.5**2 + 0.25**2) / 3 + (2.0**2 + 1.0**2) / 2
+    assert n_prompts == 2
+    assert abs(plain.item() - eq1.item()) < 1e-6
+    assert abs(centered.item() - (eq1.item() + 0.1 * penalty)) < 1e-6

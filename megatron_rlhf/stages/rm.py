@@ -36,11 +36,11 @@ from megatron.core import parallel_state
 
 from megatron_rlhf.algorithms.ranking import build_ranking_pairs, ranking_loss
 from megatron_rlhf.config import Config, ConfigError
-from megatron_rlhf.data import ComparisonBatch, ComparisonExample, collate_comparisons, load_comparisons, split_holdout
+from megatron_rlhf.data import ComparisonBatch, ComparisonExample, collate_comparisons, load_comparisons
 from megatron_rlhf.models.builder import build_model
 from megatron_rlhf.models.reward import fold_bias, read_rewards, score_sequences, value_forward
 from megatron_rlhf.parallel import is_rank0
-from megatron_rlhf.stages.common import StageContext, SupervisedTask, check_compatible, run_supervised, setup_stage
+from megatron_rlhf.stages.common import StageContext, SupervisedTask, check_compatible, load_train_valid, run_supervised, setup_stage
 from megatron_rlhf.stages.score import load_responses
 from megatron_rlhf.training import checkpoint as ckpt_lib
 from megatron_rlhf.training.metrics import MetricsLogger
@@ -74,8 +74,9 @@ def micro_pairs(batch: ComparisonBatch) -> Tuple[Optional[torch.Tensor], Optiona
     return torch.tensor(real_rows, device=device), build_ranking_pairs(rankings, device=device)
 
 
-def rm_forward(model, batch: ComparisonBatch):
-    """One forward over every response of the micro-batch's prompts; the loss is InstructGPT eq. 1."""
+def rm_forward(model, batch: ComparisonBatch, center_coef: float = 0.0):
+    """One forward over every response of the micro-batch's prompts; the loss is InstructGPT eq. 1
+    (plus ``center_coef`` x each prompt's mean squared reward when reward centering is on)."""
     real_rows, pairs = micro_pairs(batch)
     output = value_forward(model, batch)
 
@@ -88,6 +89,14 @@ def rm_forward(model, batch: ComparisonBatch):
         # num_prompts=1: the SUM over prompts of each prompt's pair-mean; the count below
         # (prompts) makes Megatron's global division the mean over the batch's prompts.
         loss_sum, _ = ranking_loss(rewards, pairs.winner, pairs.loser, pairs.prompt, num_prompts=1.0)
+        if center_coef:
+            # per prompt: mean of r^2 over its responses; summed over prompts like the pair means
+            _, row_prompt = torch.unique_consecutive(batch.prompt_of[real_rows], return_inverse=True)
+            per_prompt = torch.zeros(pairs.num_prompts, dtype=rewards.dtype, device=rewards.device)
+            counts = torch.zeros_like(per_prompt)
+            per_prompt.index_add_(0, row_prompt, rewards.square())
+            counts.index_add_(0, row_prompt, torch.ones_like(rewards))
+            loss_sum = loss_sum + center_coef * (per_prompt / counts).sum()
         chosen, rejected = rewards[pairs.winner].detach(), rewards[pairs.loser].detach()
         n_pairs, n_prompts = pairs.winner.numel(), pairs.num_prompts
         return loss_sum, n_prompts, {
@@ -113,7 +122,7 @@ def make_task(cfg: Config, train_examples, valid_examples, pad_id: int) -> Super
         train_examples=train_examples,
         valid_examples=valid_examples,
         collate=partial(collate_comparisons, pad_id=pad_id, max_len=cfg.model.seq_length),
-        forward_fn=rm_forward,
+        forward_fn=partial(rm_forward, center_coef=cfg.rm.center_coef),
         metric_names=METRICS,
         select_metric="eval/accuracy",
         select_mode="max",
@@ -125,16 +134,9 @@ def make_task(cfg: Config, train_examples, valid_examples, pad_id: int) -> Super
 
 
 def load_rm_data(cfg: Config, tokenizer):
-    train, stats = load_comparisons(cfg.data.train_path, tokenizer, cfg.model.seq_length, cfg.data.truncation)
-    if cfg.data.valid_path:
-        valid, _ = load_comparisons(cfg.data.valid_path, tokenizer, cfg.model.seq_length, cfg.data.truncation)
-    elif cfg.data.valid_fraction:
-        # Held out by prompt: every comparison of a prompt is on one side.
-        train_idx, valid_idx = split_holdout(len(train), cfg.data.valid_fraction, cfg.train.seed)
-        train, valid = [train[i] for i in train_idx], [train[i] for i in valid_idx]
-    else:
-        valid = []
-    return train, valid, stats
+    # An example is a prompt with all its responses, so a data.valid_fraction holdout is by
+    # prompt: every comparison of a prompt is on one side.
+    return load_train_valid(cfg, tokenizer, load_comparisons)
 
 
 def check_rm_config(cfg: Config) -> None:
