@@ -18,7 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rlhf.config import Config, ConfigError, dump_config
-from megatron_rlhf.data import Tokenizer, epoch_order
+from megatron_rlhf.data import Tokenizer, epoch_order, split_holdout
 from megatron_rlhf.parallel import LaunchEnv, init_distributed, is_rank0, seed_everything
 from megatron_rlhf.training import checkpoint as ckpt_lib
 from megatron_rlhf.training.metrics import MetricsLogger
@@ -79,6 +79,24 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
             f"tokens; remove model.vocab_size (it is read from the tokenizer) or use the matching tokenizer"
         )
     return tokenizer
+
+
+def load_train_valid(cfg: Config, tokenizer: Tokenizer, load: Callable) -> tuple[list, list, object]:
+    """``(train, valid, stats)`` of a supervised stage; ``load(path, tokenizer, seq_length, truncation)``
+    returns ``(examples, LoadStats)`` (``stats`` are the training file's).
+
+    Validation is ``data.valid_path`` when set, else a ``data.valid_fraction`` holdout of the
+    training examples (drawn with ``train.seed``), else none.
+    """
+    train, stats = load(cfg.data.train_path, tokenizer, cfg.model.seq_length, cfg.data.truncation)
+    if cfg.data.valid_path:
+        valid, _ = load(cfg.data.valid_path, tokenizer, cfg.model.seq_length, cfg.data.truncation)
+    elif cfg.data.valid_fraction:
+        train_idx, valid_idx = split_holdout(len(train), cfg.data.valid_fraction, cfg.train.seed)
+        train, valid = [train[i] for i in train_idx], [train[i] for i in valid_idx]
+    else:
+        valid = []
+    return train, valid, stats
 
 
 def check_compatible(ckpt: Path, cfg: Config, tokenizer: Tokenizer, what: str = "model.init_from") -> dict:

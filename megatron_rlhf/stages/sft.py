@@ -13,9 +13,9 @@ from __future__ import annotations
 from functools import partial
 
 from megatron_rlhf.config import Config
-from megatron_rlhf.data import SftExample, collate_sft, load_sft, split_holdout
+from megatron_rlhf.data import SftExample, collate_sft, load_sft
 from megatron_rlhf.models.builder import build_model
-from megatron_rlhf.stages.common import SupervisedTask, check_compatible, run_supervised, setup_stage
+from megatron_rlhf.stages.common import SupervisedTask, check_compatible, load_train_valid, run_supervised, setup_stage
 from megatron_rlhf.training import checkpoint as ckpt_lib
 from megatron_rlhf.training.trainer import steps_for, wrap_for_training
 
@@ -34,15 +34,7 @@ def sft_forward(model, batch):
 
 
 def load_sft_data(cfg: Config, tokenizer):
-    train, stats = load_sft(cfg.data.train_path, tokenizer, cfg.model.seq_length, cfg.data.truncation)
-    if cfg.data.valid_path:
-        valid, _ = load_sft(cfg.data.valid_path, tokenizer, cfg.model.seq_length, cfg.data.truncation)
-    elif cfg.data.valid_fraction:
-        train_idx, valid_idx = split_holdout(len(train), cfg.data.valid_fraction, cfg.train.seed)
-        train, valid = [train[i] for i in train_idx], [train[i] for i in valid_idx]
-    else:
-        valid = []
-    return train, valid, stats
+    return load_train_valid(cfg, tokenizer, load_sft)
 
 
 def run(cfg: Config) -> dict:
