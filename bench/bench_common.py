@@ -9,6 +9,7 @@ Megatron's global state (process groups, FP8 recipe) never leaks between runs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -75,8 +76,10 @@ def model_config(preset: Optional[str], flavour: str, **overrides) -> ModelConfi
     return cfg
 
 
-def add_shape_args(p) -> None:
-    """The model-shape options every benchmark takes: --preset or explicit sizes."""
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's ArgumentParser (described by its module docstring's first paragraph) with
+    the model-shape options every benchmark takes: --preset or explicit sizes."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(SHAPES), help="model shape (layers, hidden, heads); 'tiny' for CPU smoke runs")
     p.add_argument("--flavour", choices=["llama", "gpt2"], default="llama")
     p.add_argument("--num-layers", type=int)
@@ -85,10 +88,11 @@ def add_shape_args(p) -> None:
     p.add_argument("--num-query-groups", type=int)
     p.add_argument("--ffn-hidden-size", type=int)
     p.add_argument("--vocab-size", type=int, help="default 32000 (llama) / 50257 (gpt2); tiny: 512")
+    return p
 
 
 def model_config_from_args(args, preset: Optional[str], seq_length: int) -> ModelConfig:
-    """:func:`model_config` from the options of :func:`add_shape_args` (``preset`` given apart: a sweep varies it)."""
+    """:func:`model_config` from the shape options of :func:`parser` (``preset`` given apart: a sweep varies it)."""
     return model_config(preset, args.flavour, num_layers=args.num_layers, hidden_size=args.hidden_size,
                         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
                         ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size, seq_length=seq_length)

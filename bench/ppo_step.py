@@ -285,8 +285,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return bc.child_main(argv, {"ours": child_ours, "baseline": child_baseline})
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    bc.add_shape_args(p)
+    p = bc.parser(__doc__)
     p.add_argument("--batch", type=int, default=64, help="prompts (episodes) per iteration")
     p.add_argument("--prompt-length", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=512)

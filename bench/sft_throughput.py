@@ -247,8 +247,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return bc.child_main(argv, {"ours": child_ours, "baseline": child_baseline})
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    bc.add_shape_args(p)
+    p = bc.parser(__doc__)
     p.add_argument("--seq-length", type=int, help="default 2048 (tiny: 64)")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
