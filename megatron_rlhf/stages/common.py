@@ -242,10 +242,13 @@ def run_supervised(ctx: StageContext, model, optimizer, scheduler, task: Supervi
         metrics = evaluate(ctx, model, task)
         logger.log(step, metrics)
         value = metrics.get(task.select_metric)
-        improved = value is not None and (best["value"] is None or (value < best["value"] if task.select_mode == "min" else value > best["value"]))
+        # Candidates are the trained checkpoints (step > 0): the step-0 evaluation is the
+        # starting point's figure, logged for comparison; were it a candidate, a run that
+        # never beat its init would have no checkpoints/best for the next stage to load.
+        improved = step > 0 and value is not None and (best["value"] is None or (value < best["value"] if task.select_mode == "min" else value > best["value"]))
         if improved:
             best.update(value=value, step=step)
-            if train.select_best and step > 0:
+            if train.select_best:
                 ckpt_lib.mark_best(ctx.checkpoints_dir, save(step))
 
     if has_eval and state.step == 0:
