@@ -193,6 +193,10 @@ class PPOConfig:
     top_k: int = 0
     top_p: float = 1.0
     critic_lr: float = 9e-6
+    # Iterations at the start in which only the critic trains: it starts from the RM, whose
+    # values mid-response are not yet value estimates, and its early errors would steer the
+    # actor through the advantages (NeMo-Aligner's critic_warmup_steps). 0 = the paper.
+    critic_warmup_steps: int = 0
     offload_frozen: bool = False  # move reference and RM to CPU memory outside the scoring phase
 
     def validate(self) -> None:
@@ -200,6 +204,8 @@ class PPOConfig:
         _positive("ppo.mini_batch_size", self.mini_batch_size)
         _positive("ppo.ppo_epochs", self.ppo_epochs)
         _positive("ppo.max_new_tokens", self.max_new_tokens)
+        if self.critic_warmup_steps < 0:
+            raise ConfigError(f"ppo.critic_warmup_steps={self.critic_warmup_steps} must be >= 0")
         if self.temperature < 0:
             raise ConfigError(f"ppo.temperature={self.temperature} must be >= 0 (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:

@@ -249,3 +249,29 @@ def test_bad_inputs_have_clear_errors(ckpts, tmp_path):
 
     r = cli(*_args(ckpts, tmp_path / "o5", "parallel.pipeline_model_parallel_size=2"))
     assert r.returncode == 2 and "pipeline_model_parallel_size" in r.stderr, r.stderr[-2000:]
+
+
+def _warmup(root, out):
+    from megatron_rlhf.config import load_config
+    from megatron_rlhf.stages.common import setup_stage
+    from megatron_rlhf.stages.ppo import PPOTrainer
+
+    args = _args(Path(root), out, "train.lr=1e-3", "train.max_steps=2", "ppo.critic_warmup_steps=1")
+    cfg = load_config(args[args.index("--config") + 1], [a for a in args[3:] if "=" in a])
+    trainer = PPOTrainer(setup_stage(cfg))
+    snapshot = lambda model: [p.detach().clone() for p in model.parameters()]  # noqa: E731
+    moved = lambda before, model: max((a - b).abs().max().item() for a, b in zip(before, model.parameters()))  # noqa: E731
+    out = []
+    for step in range(2):
+        actor, critic = snapshot(trainer.actor), snapshot(trainer.critic)
+        episodes, _ = trainer.rollout(step)
+        metrics = trainer.update(episodes, step)
+        out.append({"actor": moved(actor, trainer.actor), "critic": moved(critic, trainer.critic), "keys": sorted(metrics)})
+    return out
+
+
+def test_critic_warmup_trains_the_critic_alone(ckpts, tmp_path):
+    first, second = run_single(_warmup, str(ckpts), str(tmp_path / "run"))
+    assert first["actor"] == 0.0 and first["critic"] > 0, first
+    assert "policy_loss" not in first["keys"] and "value_loss" in first["keys"]
+    assert second["actor"] > 0 and second["critic"] > 0 and "policy_loss" in second["keys"], second

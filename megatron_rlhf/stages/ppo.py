@@ -327,13 +327,15 @@ class PPOTrainer:
                 rows = torch.tensor(order[start : start + mini])
                 part = episodes.rows(_device(rows))
                 micro = [part.rows(slice(i, i + mbs)) for i in range(0, mini, mbs)]
-                ptx = self._ptx_batches(ppo_lib.ptx_batch_size(ppo.mini_batch_size, ppo.ptx_ratio)) if self.pretrain else []
-                n_policy = _global_sum(part.action_mask.sum())
-                n_ptx = _global_sum(sum(b.loss_mask.sum() for b in ptx)) if ptx else 1.0
-                forward = partial(actor_forward, vocab_size=self.vocab, clip_eps=ppo.clip_eps, entropy_coef=ppo.entropy_coef,
-                                  ptx_coef=ppo.ptx_coef, ptx_scale=n_policy / max(n_ptx, 1.0))
-                names = ["policy_loss", "clipfrac", "approx_kl", "entropy", "ptx_loss"]
-                actor_metrics = self._step(self.actor, self.actor_opt, self.actor_sched, micro + ptx, forward, names)
+                actor_metrics = {}
+                if step >= ppo.critic_warmup_steps:  # during critic warm-up only the critic learns
+                    ptx = self._ptx_batches(ppo_lib.ptx_batch_size(ppo.mini_batch_size, ppo.ptx_ratio)) if self.pretrain else []
+                    n_policy = _global_sum(part.action_mask.sum())
+                    n_ptx = _global_sum(sum(b.loss_mask.sum() for b in ptx)) if ptx else 1.0
+                    forward = partial(actor_forward, vocab_size=self.vocab, clip_eps=ppo.clip_eps, entropy_coef=ppo.entropy_coef,
+                                      ptx_coef=ppo.ptx_coef, ptx_scale=n_policy / max(n_ptx, 1.0))
+                    names = ["policy_loss", "clipfrac", "approx_kl", "entropy", "ptx_loss"]
+                    actor_metrics = self._step(self.actor, self.actor_opt, self.actor_sched, micro + ptx, forward, names)
                 critic_metrics = self._step(self.critic, self.critic_opt, self.critic_sched, micro,
                                             partial(critic_forward, clip_eps=ppo.value_clip_eps), ["value_loss", "value_clipfrac"])
                 for k, v in {**actor_metrics, **critic_metrics}.items():
