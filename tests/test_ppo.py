@@ -82,7 +82,7 @@ def _args(root, out, *extra):
         "ppo", "--config", "examples/tiny/ppo.yaml", *arch, *QUIET,
         f"model.init_from={root / 'sft'}", f"ppo.reward_model={root / 'rm'}", f"output_dir={out}",
         "train.global_batch_size=16", "train.micro_batch_size=8", "ppo.mini_batch_size=8", "ppo.max_new_tokens=8",
-        "ppo.ptx_ratio=1.0", *extra,
+        "ppo.ptx_ratio=1.0", "ppo.critic_warmup_steps=0", *extra,
     ]
 
 
