@@ -12,12 +12,8 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 run() { echo "== megatron-rlhf $*" >&2; "$PY" -m megatron_rlhf "$@"; }
 
 run sft --config examples/tiny/sft.yaml output_dir="$OUT/sft" "$@"
-if [ -f examples/tiny/rm.yaml ]; then
-  run rm --config examples/tiny/rm.yaml output_dir="$OUT/rm" model.init_from="$OUT/sft/checkpoints/best" "$@"
-fi
-if [ -f examples/tiny/ppo.yaml ]; then
-  run ppo --config examples/tiny/ppo.yaml output_dir="$OUT/ppo" model.init_from="$OUT/sft/checkpoints/best" \
-      ppo.reward_model="$OUT/rm" "$@"
-fi
+run rm --config examples/tiny/rm.yaml output_dir="$OUT/rm" model.init_from="$OUT/sft/checkpoints/best" "$@"
+run ppo --config examples/tiny/ppo.yaml output_dir="$OUT/ppo" model.init_from="$OUT/sft/checkpoints/best" \
+    ppo.reward_model="$OUT/rm" "$@"
 run report "$OUT"
 echo "done: $OUT (report: $OUT/report/summary.md)" >&2
