@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6",
         "sentencepiece>=0.2",
         "tensorboard>=2.14",
+        "matplotlib>=3.7",  # `megatron-rlhf report`, the last step of examples/tiny/run.sh
     ],
     extras_require={
         # Transformer Engine is GPU-only: `pip install --no-build-isolation transformer_engine[pytorch]`
