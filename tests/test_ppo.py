@@ -275,3 +275,30 @@ def test_critic_warmup_trains_the_critic_alone(ckpts, tmp_path):
     assert first["actor"] == 0.0 and first["critic"] > 0, first
     assert "policy_loss" not in first["keys"] and "value_loss" in first["keys"]
     assert second["actor"] > 0 and second["critic"] > 0 and "policy_loss" in second["keys"], second
+
+
+def test_resume_during_critic_warmup(ckpts, tmp_path):
+    """A checkpoint written before the actor's first step (no Adam moments yet) resumes bitwise."""
+    common = ["train.lr=1e-3", "train.max_steps=3", "ppo.critic_warmup_steps=2"]
+    full = tmp_path / "full"
+    r = cli(*_args(ckpts, full, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "term"
+    proc = cli(*_args(ckpts, out, *common), popen=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    saved = ckpt_meta(out)
+    assert saved["iteration"] <= 2 and saved["unstepped_optimizers"] == ["actor"], saved
+    r = cli(*_args(ckpts, out, *common))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert _comparable(out) == _comparable(full)
+
+
+def ckpt_meta(out):
+    latest = (Path(out) / "checkpoints" / "latest").read_text().strip()
+    return json.loads((Path(out) / "checkpoints" / latest / "meta.json").read_text())

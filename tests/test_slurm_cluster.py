@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "slurm" / "local_slurm.sh"
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "munged")
 # Small PPO iterations: 16 episodes of at most 8 new tokens, one 16-episode mini-batch.
-PPO_SMALL = ["train.global_batch_size=16", "ppo.mini_batch_size=16", "train.micro_batch_size=8", "ppo.max_new_tokens=8"]
+PPO_SMALL = ["train.global_batch_size=16", "ppo.mini_batch_size=16", "train.micro_batch_size=8", "ppo.max_new_tokens=8",
+             "ppo.critic_warmup_steps=0"]  # two steps: let the actor train from the first
 
 
 def _free_port() -> int:

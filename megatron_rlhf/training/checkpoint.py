@@ -141,17 +141,26 @@ def save_checkpoint(
             (tmp / name).mkdir(parents=True, exist_ok=True)
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
     barrier()
+    unstepped = []
     for name, network in networks.items():
         model = _unwrap(network)
         sharded = {"model": model.sharded_state_dict(prefix="")}
-        if optimizers and optimizers.get(name) is not None:
-            sharded["optimizer"] = optimizers[name].sharded_state_dict(sharded["model"])
+        optimizer = (optimizers or {}).get(name)
+        if optimizer is not None and not _has_stepped(optimizer):
+            # No step yet (e.g. PPO's actor during critic warm-up): torch creates Adam's
+            # moments at the first step, so there is nothing to save, and loading expects
+            # them. Recorded in meta.json; resume keeps the optimizer fresh, as it was.
+            unstepped.append(name)
+        elif optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
         dist_checkpointing.save(sharded, str(tmp / name))
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     barrier()
     if is_rank0():
         full_meta = dict(meta, iteration=iteration, layout=_layout(), networks=sorted(networks))
+        if unstepped:
+            full_meta["unstepped_optimizers"] = unstepped
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True))
         torch.save(state or {}, tmp / "state.pt")
         if tokenizer_bytes is not None:
@@ -212,6 +221,12 @@ def load_weights(network, ckpt: Path, name: str = "model", skip_output_layer: bo
         raise CheckpointError(f"{ckpt / name} lacks weights {missing[:5]}{'...' if len(missing) > 5 else ''}; was it saved from another architecture?")
 
 
+def _has_stepped(optimizer) -> bool:
+    """Whether a Megatron optimizer (chained or not) holds any per-parameter state yet."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(len(state) > 0 for part in parts for state in part.optimizer.state.values())
+
+
 def load_checkpoint(ckpt: Path, networks: dict, optimizers: Optional[dict] = None) -> dict:
     """Resume: weights, optimizer state, RNG and rank 0's Python state (returned)."""
     ckpt = Path(ckpt)
@@ -226,6 +241,8 @@ def load_checkpoint(ckpt: Path, networks: dict, optimizers: Optional[dict] = Non
         model = _unwrap(network)
         sharded = {"model": model.sharded_state_dict(prefix="")}
         optimizer = (optimizers or {}).get(name)
+        if name in meta.get("unstepped_optimizers", []):
+            optimizer = None  # saved before its first step: nothing to restore
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
         loaded = dist_checkpointing.load(sharded, str(ckpt / name))
