@@ -213,16 +213,21 @@ def test_killed_run_resumes_bitwise(ckpts, tmp_path):
     assert got == expected  # bitwise: every metric of every step, floats compared exactly
 
 
-def test_sigterm_checkpoints_and_exits_75(ckpts, tmp_path):
-    out = tmp_path / "term"
-    proc = cli(*_args(ckpts, out, "train.max_steps=50"), popen=True)
-    metrics = out / "metrics.jsonl"
+def _terminate_after_first_step(ckpts, out, *extra):
+    """Start a PPO run, send SIGTERM once it has logged a step, and check it exits 75."""
+    proc = cli(*_args(ckpts, out, *extra), popen=True)
+    metrics = Path(out) / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
+
+
+def test_sigterm_checkpoints_and_exits_75(ckpts, tmp_path):
+    out = tmp_path / "term"
+    _terminate_after_first_step(ckpts, out, "train.max_steps=50")
     step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 1 <= step < 50 and _rows(out)[-1]["step"] == step
 
@@ -284,14 +289,7 @@ def test_resume_during_critic_warmup(ckpts, tmp_path):
     r = cli(*_args(ckpts, full, *common))
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "term"
-    proc = cli(*_args(ckpts, out, *common), popen=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 75
+    _terminate_after_first_step(ckpts, out, *common)
     saved = ckpt_meta(out)
     assert saved["iteration"] <= 2 and saved["unstepped_optimizers"] == ["actor"], saved
     r = cli(*_args(ckpts, out, *common))
