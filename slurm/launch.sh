@@ -232,7 +232,7 @@ if [ "${DRY_RUN:-0}" != 0 ]; then
   elif [ "$RESOLVE_RC" != 0 ]; then
     _launch_say "memory plan: skipped (the config could not be resolved with $PYTHON)"
   else
-    MERGED=$(mktemp "${TMPDIR:-/tmp}/launch-config.XXXXXX.yaml")
+    MERGED=$(mktemp --tmpdir --suffix=.yaml)  # GNU mktemp: a fresh file under $TMPDIR (or /tmp)
     "$PYTHON" slurm/resolve.py --stage "$STAGE" --config "$CONFIG" --write "$MERGED" "${ALL_OVERRIDES[@]}" >/dev/null 2>&1
     PLAN=("$PYTHON" tools/plan_memory.py --config "$MERGED" --stage "$STAGE" --nodes "$NODES" --gpus-per-node "$GPN" "${PLAN_ARGS[@]}")
     _launch_say "memory plan: tools/plan_memory.py --config <$CONFIG + overrides> --stage $STAGE --nodes $NODES --gpus-per-node $GPN ${PLAN_ARGS[*]}"
