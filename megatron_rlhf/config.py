@@ -289,8 +289,7 @@ def _set_path(obj, parts, value, full_key, source):
     name = parts[0]
     known = {f.name: f for f in fields(obj)}
     if name not in known:
-        _unknown_key(full_key if len(parts) == 1 else full_key, name, known, obj, source)
-    f = known[name]
+        _unknown_key(full_key, name, known, obj, source)
     current = getattr(obj, name)
     if len(parts) == 1:
         if dataclasses.is_dataclass(current):

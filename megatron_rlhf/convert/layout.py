@@ -162,7 +162,7 @@ def hf_tensors(arch: Arch, read: Reader, score_bias_into_final_norm: float = 0.0
     folded into the final LayerNorm's bias as ``beta + b * w / |w|^2`` (then
     ``w . (y + beta') = w . (y + beta) + b``), because HF's ``score`` layer has no bias.
     """
-    V, H = arch.vocab, arch.hidden
+    V = arch.vocab
     names = iter(name for name, _ in hf_shapes(arch))
 
     def emit(t):

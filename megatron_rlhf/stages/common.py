@@ -149,10 +149,6 @@ def rank_slice(items: Sequence, dp: int, dp_rank: int) -> list:
     return list(items[dp_rank * per_rank : (dp_rank + 1) * per_rank])
 
 
-def split_micro(items: Sequence, micro_batch_size: int) -> list[list]:
-    return [list(items[i : i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
-
-
 @dataclass
 class SupervisedTask:
     """What distinguishes SFT from RM training inside ``run_supervised``."""

@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -48,7 +47,7 @@ from megatron_rlhf.models.builder import build_model
 from megatron_rlhf.models.generation import generate, padded_batch
 from megatron_rlhf.models.logprobs import token_logprobs, vocab_parallel_entropy
 from megatron_rlhf.models.reward import score_sequences
-from megatron_rlhf.stages.common import StageContext, checkpoint_meta, check_compatible, next_global_batch, setup_stage, split_micro
+from megatron_rlhf.stages.common import StageContext, checkpoint_meta, check_compatible, next_global_batch, setup_stage
 from megatron_rlhf.training import checkpoint as ckpt_lib
 from megatron_rlhf.training.metrics import MetricsLogger
 from megatron_rlhf.training.trainer import (
@@ -350,7 +349,7 @@ class PPOTrainer:
         metrics = run_schedule(model, micro, forward, names, width, self.cfg.train.micro_batch_size, forward_only=False)
         stepped, grad_norm = optimizer_step(model, optimizer, scheduler)
         if not stepped:
-            self.ctx_log(f"non-finite gradients in a PPO update: optimizer step skipped")
+            self.ctx_log("non-finite gradients in a PPO update: optimizer step skipped")
         return metrics
 
     ctx_log = print
