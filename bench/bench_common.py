@@ -29,7 +29,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from megatron_rlhf.config import ModelConfig  # noqa: E402  (no torch import behind it)
-from megatron_rlhf.memory_plan import PRESETS, count_params, ffn_size, stage_params  # noqa: E402
+from megatron_rlhf.memory_plan import PRESETS, count_params, stage_params  # noqa: E402
+from megatron_rlhf.models.sizing import ffn_hidden_size as ffn_size  # noqa: E402
 
 # (layers, hidden, heads): memory_plan's GPT-3 shapes plus GPT-3 2.7B; "tiny" is the CPU smoke shape.
 SHAPES = dict(PRESETS, **{"2.7b": (32, 2560, 32), "tiny": (2, 64, 4)})

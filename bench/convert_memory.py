@@ -44,7 +44,7 @@ import sys
 sys.path.insert(0, {root!r})
 import torch, transformers, safetensors
 import megatron.core
-import megatron_rlhf.convert, megatron_rlhf.models.builder, megatron_rlhf.training.checkpoint
+import megatron_rlhf.convert, megatron_rlhf.models.builder, megatron_rlhf.checkpoint.io
 """
 
 

@@ -15,9 +15,9 @@ with gamma x the NLL of ``ptx_ratio x batch`` pretraining sequences of ``--ptx-l
 tokens) and ONE critic step (clipped value loss). All four models have the actor's shape
 (critic and RM with a scalar head), random weights.
 
-Ours: the PPO stage's own ``PPOTrainer.rollout`` and ``PPOTrainer.update`` (KV-cache
+Ours: the PPO recipe's own ``PPORecipe.rollout`` and ``PPORecipe.update`` (KV-cache
 generation on Megatron's static inference context, Megatron DDP + optimizer), with the
-four models built here instead of loaded from checkpoints (``BenchPPOTrainer``).
+four models built here instead of loaded from checkpoints (``BenchPPORecipe``).
 Baseline: TRL has no PPO trainer any more (removed from TRL; 1.16.0 on PyPI has none), so
 the baseline is what a user would write with plain transformers: ``model.generate`` (the
 default dynamic KV cache, SDPA), forwards of reference/critic/RM, the same loss functions
@@ -81,9 +81,9 @@ def child_ours(spec):
     from megatron_rlhf.data.sft import SftExample
     from megatron_rlhf.models.builder import build_model, use_transformer_engine
     from megatron_rlhf.parallel import init_distributed, seed_everything
-    from megatron_rlhf.stages.common import StageContext
-    from megatron_rlhf.stages.ppo import PPOTrainer
-    from megatron_rlhf.training.trainer import TrainState, wrap_for_training
+    from megatron_rlhf.recipes.ppo import PPORecipe
+    from megatron_rlhf.training.loop import DataPosition, RunContext
+    from megatron_rlhf.training.step import wrap_for_training
 
     model_cfg = ModelConfig(**spec["model"])
     parallel = ParallelConfig(**spec["parallel"])
@@ -103,8 +103,8 @@ def child_ours(spec):
 
         vocab_size, eos_id, pad_id = model_cfg.vocab_size, None, 0
 
-    class BenchPPOTrainer(PPOTrainer):
-        """PPOTrainer with random-weight models built here (PPOTrainer.__init__ loads checkpoints)."""
+    class BenchPPORecipe(PPORecipe):
+        """PPORecipe with random-weight models built here (PPORecipe.__init__ loads checkpoints)."""
 
         def __init__(self, ctx):
             self.ctx, self.cfg, self.vocab = ctx, ctx.cfg, model_cfg.vocab_size
@@ -120,15 +120,16 @@ def child_ours(spec):
                 frozen.eval()
             self.prompts = prompts.tolist()
             self.pretrain = [SftExample(row[:1], row[1:]) for row in pretrain.tolist()]
-            self.total_steps, self.updates_per_step = spec["warmup"] + 1, 1
-            self.actor, self.actor_opt, self.actor_sched = wrap_for_training(self.actor, parallel, cfg.train, total_steps=self.total_steps)
-            self.critic, self.critic_opt, self.critic_sched = wrap_for_training(self.critic, parallel, cfg.train, lr=cfg.ppo.critic_lr,
-                                                                                total_steps=self.total_steps)
+            self.total_steps = spec["warmup"] + 1
+            self.actor, actor_opt, actor_sched = wrap_for_training(self.actor, parallel, cfg.train, total_steps=self.total_steps)
+            self.critic, critic_opt, critic_sched = wrap_for_training(self.critic, parallel, cfg.train, lr=cfg.ppo.critic_lr, total_steps=self.total_steps)
+            self.networks = {"actor": self.actor, "critic": self.critic}
+            self.optimizers, self.schedulers = {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}
             self.kl_ctl = FixedKLController(cfg.ppo.kl_coef)
-            self.state, self.ptx_state = TrainState(), TrainState()
+            self.prompt_position, self.ptx_position = DataPosition(), DataPosition()
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
-        trainer = BenchPPOTrainer(StageContext(cfg, env, BenchTokenizer(), Path(tmp), Path(tmp)))
+        trainer = BenchPPORecipe(RunContext(cfg, env, BenchTokenizer(), Path(tmp)))
         params = sum(p.numel() for p in trainer.actor.parameters())
         full_cfg = trainer.cfg
         for step in range(spec["warmup"]):  # short warm-up iterations: kernels, allocator, FP8 state
@@ -141,7 +142,7 @@ def child_ours(spec):
         with bc.Timer() as train:
             update = trainer.update(episodes, spec["warmup"])
         result = _phases(rollout.seconds, metrics["time/generate_s"], train.seconds, metrics["generated_tokens"], spec)
-    result.update(bc.peak_memory(), implementation="megatron-rlhf PPOTrainer.rollout/update on megatron-core GPTModel ("
+    result.update(bc.peak_memory(), implementation="megatron-rlhf PPORecipe.rollout/update on megatron-core GPTModel ("
                   + ("Transformer Engine" if use_transformer_engine(model_cfg) else "local layers, SDPA") + ", static KV cache)",
                   actor_parameters=params, reward=metrics["rollout/reward"], policy_loss=update.get("policy_loss"),
                   ptx_loss=update.get("ptx_loss"), value_loss=update.get("value_loss"))

@@ -76,8 +76,10 @@ def child_ours(spec):
     from megatron_rlhf.config import ModelConfig, ParallelConfig, TrainConfig
     from megatron_rlhf.models.builder import build_model, use_transformer_engine
     from megatron_rlhf.parallel import init_distributed, seed_everything
-    from megatron_rlhf.stages.sft import sft_forward
-    from megatron_rlhf.training.trainer import train_step, wrap_for_training
+    from functools import partial
+
+    from megatron_rlhf.recipes.sft import forward_step
+    from megatron_rlhf.training.step import train_step, wrap_for_training
 
     model_cfg = ModelConfig(**spec["model"])
     parallel = ParallelConfig(**spec["parallel"])
@@ -90,10 +92,10 @@ def child_ours(spec):
     ddp, optimizer, scheduler = wrap_for_training(model, parallel, train, total_steps=spec["warmup"] + spec["steps"])
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batches = _batches(spec, device)
-    s, mbs = model_cfg.seq_length, spec["micro_batch_size"]
+    forward = partial(forward_step, vocab_size=model_cfg.vocab_size)
 
     def step():
-        metrics = train_step(ddp, optimizer, scheduler, batches, sft_forward, ["loss"], s, mbs)
+        metrics = train_step(ddp, optimizer, scheduler, batches, forward)
         return metrics["loss"]
 
     result = _measure(step, spec)
@@ -107,7 +109,7 @@ def hf_model(m: dict, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    from megatron_rlhf.memory_plan import ffn_size
+    from megatron_rlhf.models.sizing import ffn_hidden_size as ffn_size
     from megatron_rlhf.config import ModelConfig
 
     cfg = ModelConfig(**m)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -109,9 +110,9 @@ class TrainConfig:
     global_batch_size: int = 8  # sequences (SFT), prompts (RM) or episodes (PPO) per optimizer step
     micro_batch_size: int = 2  # per data-parallel rank per forward
     epochs: int = 1
-    max_steps: Optional[int] = None  # bound the run; None: epochs * steps per epoch
+    max_steps: Optional[int] = None  # the run's length in steps for every recipe (data repeats as needed); None: epochs x steps per epoch
     eval_interval: int = 50  # steps between evaluations (0: only at the end)
-    eval_max_batches: Optional[int] = None  # None: the whole validation set
+    eval_max_batches: Optional[int] = None  # evaluate the first N x micro_batch_size examples (any layout); None: all
     save_interval: int = 0  # steps between checkpoints (0: only at the end)
     # model selection: checkpoint each evaluation that improves the validation metric and
     # point checkpoints/best at it (later stages can start from <run>/checkpoints/best)
@@ -121,8 +122,15 @@ class TrainConfig:
     seed: int = 1234
     tensorboard: bool = True
     progress_bar: bool = True
+    # the divergence guard: this many consecutive steps with non-finite loss or gradients
+    # stop the run (exit 3) without saving
+    max_nonfinite_steps: int = 3
 
     def validate(self) -> None:
+        _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        _positive("train.log_interval", self.log_interval)
+        if self.eval_interval < 0 or self.save_interval < 0 or self.keep_last < 0:
+            raise ConfigError("train.eval_interval, train.save_interval and train.keep_last must be >= 0 (0: at the end only / keep all)")
         _one_of("train.lr_decay_style", self.lr_decay_style, ("cosine", "linear", "constant"))
         _positive("train.global_batch_size", self.global_batch_size)
         _positive("train.micro_batch_size", self.micro_batch_size)
@@ -375,10 +383,14 @@ def _coerce(value: Any, annotation, key: str, source: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
-                    return float(value)  # YAML reads 3e-4 (no dot) as a string
+                    number = float(value)  # YAML reads 3e-4 (no dot) as a string
                 except ValueError:
-                    pass
+                    number = None
+                if number is not None and math.isfinite(number):
+                    return number
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if value is None:

@@ -8,6 +8,7 @@ every generator the same way on every rank (plus Megatron's CUDA RNG tracker on 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -174,3 +175,42 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def device() -> torch.device:
+    """The one device helper: this rank's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch):
+    """A tensor, or a NamedTuple/dataclass of tensors, on :func:`device` (a no-op on CPU)."""
+    if not torch.cuda.is_available():
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device(), non_blocking=True)
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(t) for t in batch))
+    return batch
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
+    """Sum (or ``op``) ``tensor`` over ``group`` on the backend's device; returned on the
+    tensor's own device. A no-op without torch.distributed."""
+    if not dist.is_initialized():
+        return tensor
+    moved = tensor.to(device())
+    dist.all_reduce(moved, op=op or dist.ReduceOp.SUM, group=group)
+    return moved.to(tensor.device)
+
+
+def data_parallel_sum(values) -> list[float]:
+    """Float64 sums of ``values`` (numbers or scalar tensors) over the data-parallel group."""
+    from megatron.core import parallel_state
+
+    totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
+    return all_reduce(totals, group).tolist()

@@ -1,15 +1,15 @@
 """PPO-clip policy/value losses on both sides of the clip, entropy, and the PPO-ptx objective."""
 
-import math
 
 import pytest
 import torch
 
 from megatron_rlhf.algorithms import (
+    actor_report,
+    critic_report,
+    ptx_report,
     entropy_bonus,
-    entropy_from_logits,
     policy_loss,
-    ppo_ptx_objective,
     ptx_batch_size,
     ptx_loss,
     value_loss,
@@ -112,18 +112,6 @@ def test_value_loss_unclipped_and_sharded():
     assert (left + right).item() == pytest.approx(full.item(), abs=1e-12)
 
 
-def test_entropy_from_logits():
-    # uniform over V tokens: log V, whatever the constant logit
-    assert entropy_from_logits(torch.full((2, 3, 50), 7.0)).sub(math.log(50)).abs().max().item() < 1e-6
-    torch.manual_seed(0)
-    logits = torch.randn(4, 9, dtype=F64) * 3
-    probs = logits.softmax(-1)
-    torch.testing.assert_close(entropy_from_logits(logits), -(probs * probs.log()).sum(-1), atol=1e-12, rtol=0)
-    # near one-hot with huge logits: entropy ~0 and finite
-    peaked = entropy_from_logits(torch.tensor([[1e4, 0.0, -1e4]]))
-    assert torch.isfinite(peaked).all() and peaked.abs().max().item() < 1e-6
-
-
 def test_entropy_bonus():
     entropy = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     term, metrics = entropy_bonus(entropy, torch.tensor([[1, 1], [1, 0]]), coef=0.01)
@@ -131,24 +119,56 @@ def test_entropy_bonus():
     assert term.item() == pytest.approx(-0.02, abs=1e-7)
 
 
-def test_ppo_ptx_objective_golden():
-    policy = torch.tensor(0.5, requires_grad=True)
-    ptx_nll = torch.tensor(2.0, requires_grad=True)
-    assert ptx_loss(ptx_nll, 27.8).item() == pytest.approx(55.6, abs=1e-5)
-    total, metrics = ppo_ptx_objective(policy, ptx_nll, 27.8, entropy=torch.tensor(1.5), entropy_coef=0.01)
-    # 0.5 + 27.8 * 2.0 - 0.01 * 1.5
-    assert total.item() == pytest.approx(56.085, abs=1e-5)
-    assert metrics["ptx_loss"].item() == pytest.approx(55.6, abs=1e-5)
-    assert metrics["ptx_nll"].item() == 2.0 and metrics["entropy"].item() == 1.5
-    total.backward()
-    assert policy.grad.item() == 1.0 and ptx_nll.grad.item() == pytest.approx(27.8, abs=1e-6)
+def test_ptx_loss_golden():
+    assert ptx_loss(torch.tensor(2.0), 27.8).item() == pytest.approx(55.6, abs=1e-5)
 
 
-def test_ppo_ptx_objective_without_ptx():
-    total, metrics = ppo_ptx_objective(torch.tensor(0.5))
-    assert total.item() == 0.5 and set(metrics) == {"total_loss"}
-    with pytest.raises(ValueError, match="ptx_nll"):
-        ppo_ptx_objective(torch.tensor(0.5), ptx_coef=27.8)
+def _schedule_step(reports):
+    """What Megatron's schedule does with calculate_per_token_loss: sum the micro-batches'
+    loss sums and counts, divide by the total count (here one data-parallel rank)."""
+    total = sum(r[0] for r in reports)
+    count = sum(float(r[1]) for r in reports)
+    return total / count
+
+
+def test_actor_and_ptx_reports_give_eq2_in_the_schedule():
+    """Two episode micro-batches and one pretraining micro-batch through the schedule's one
+    division equal eq. 2 negated: policy mean - c * entropy mean + gamma * pretraining NLL mean."""
+    torch.manual_seed(1)
+    logprobs = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    old = logprobs.detach() + 0.1 * torch.randn(4, 5, dtype=F64)
+    adv = torch.randn(4, 5, dtype=F64)
+    entropy = torch.rand(4, 5, dtype=F64) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    ptx_lp = -torch.rand(3, 6, dtype=F64) * 5
+    ptx_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 2 + [0] * 4], dtype=torch.bool)
+    c, gamma, eps = 0.01, 27.8, 0.2
+    n_e, n_d = float(mask.sum()), float(ptx_mask.sum())  # 11 episode tokens, 11 pretraining tokens
+    reports = [
+        actor_report(logprobs[:2], entropy[:2], old[:2], adv[:2], mask[:2], eps, c),
+        actor_report(logprobs[2:], entropy[2:], old[2:], adv[2:], mask[2:], eps, c),
+        ptx_report(ptx_lp, ptx_mask, gamma, episode_tokens=n_e, ptx_tokens=n_d),
+    ]
+    assert reports[2][1] == 0  # pretraining tokens are not in the schedule's count
+    step_loss = _schedule_step(reports)
+    policy, _ = policy_loss(logprobs, old, adv, mask, eps)
+    expected = policy - c * (entropy * mask).sum() / n_e + gamma * (-(ptx_lp * ptx_mask).sum() / n_d)
+    torch.testing.assert_close(step_loss, expected, atol=1e-12, rtol=0)
+    step_loss.backward()
+    assert logprobs.grad[~mask].abs().max().item() == 0  # padding gets no gradient
+    # the metrics are (sum, count) pairs: their ratio is the mean
+    s, n = reports[2][2]["ptx_loss"]
+    assert (s / n).item() == pytest.approx((-(ptx_lp * ptx_mask).sum() / n_d).item(), abs=1e-12)
+
+
+def test_critic_report_is_the_value_loss_sum():
+    torch.manual_seed(2)
+    values, old, returns = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    loss_sum, count, metrics = critic_report(values, old, returns, mask, 0.2)
+    mean, _ = value_loss(values, old, returns, mask, 0.2)
+    assert count.item() == 7 and (loss_sum / count).item() == pytest.approx(mean.item(), abs=1e-12)
+    assert set(metrics) == {"value_loss", "value_clipfrac"}
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,7 @@ def _our_model(ckpt, tp=1, scalar_head=False, pp=1):
     from megatron_rlhf.config import ParallelConfig
     from megatron_rlhf.convert.common import model_config_from_meta
     from megatron_rlhf.models.builder import build_model
-    from megatron_rlhf.training import checkpoint as ck
+    from megatron_rlhf import checkpoint as ck
 
     meta = ck.read_meta(ck.resolve_checkpoint(ckpt))
     cfg = dataclasses.replace(model_config_from_meta(meta), precision="fp32", transformer_impl="local")
@@ -175,7 +175,7 @@ def _worker_tp1(work_root, hf_dirs, ids, prompts):
     from megatron_rlhf.cli import main as cli
     from megatron_rlhf.config import ModelConfig, ParallelConfig
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.training import checkpoint as ck
+    from megatron_rlhf import checkpoint as ck
 
     init_distributed(ParallelConfig(), ModelConfig())
     root = Path(work_root)
@@ -214,7 +214,7 @@ def _worker_tp1(work_root, hf_dirs, ids, prompts):
         assert cli(["generate", *args]) == 0
     pairs = root / "score_input.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in SCORE_PAIRS))
-    if importlib.util.find_spec("megatron_rlhf.stages.score") is not None:
+    if importlib.util.find_spec("megatron_rlhf.commands.score") is not None:
         for flavour in RM_FLAVOURS:  # `score` ends torch.distributed on exit; the next call starts it again
             args = ["--checkpoint", str(root / f"rm_{flavour}"), "--input", str(pairs), "--output", str(root / f"scored_{flavour}.jsonl")]
             assert cli(["score", *args, "--batch-size", "2"]) == 0
@@ -228,7 +228,7 @@ def _worker_tp2(ours_dirs, out_root, ids):
 
     from megatron_rlhf.config import ModelConfig, ParallelConfig
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.training import checkpoint as ck
+    from megatron_rlhf import checkpoint as ck
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=2), ModelConfig(num_query_groups=2))
     out = {}
@@ -347,7 +347,7 @@ def test_reward_model_export_scores_match(work, ours, flavour):
     # `megatron-rlhf score` on {"prompt", "response"} lines vs the exported model and tokenizer
     scored_file = work["root"] / f"scored_{flavour}.jsonl"
     if not scored_file.exists():
-        pytest.skip("the `megatron-rlhf score` command (megatron_rlhf.stages.score) is not available")
+        pytest.skip("the `megatron-rlhf score` command (megatron_rlhf.commands.score) is not available")
     scored = [json.loads(line) for line in scored_file.read_text().splitlines()]
     assert [(r["prompt"], r["response"]) for r in scored] == SCORE_PAIRS
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from megatron_rlhf.data import DataError, Tokenizer, load_comparisons, load_pretrain, load_prompts, load_sft
-from megatron_rlhf.data.stats import main, percentile
+from megatron_rlhf.commands.data_stats import main
+from megatron_rlhf.data.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples/tiny/data"

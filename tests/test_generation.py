@@ -225,7 +225,7 @@ def _pp2_worker(root):
     """Generate at PP=2 (one layer a stage) from the PP=1 weights saved under ``root``."""
     from megatron.core import parallel_state
 
-    from megatron_rlhf.training.checkpoint import load_weights, resolve_checkpoint
+    from megatron_rlhf.checkpoint import load_weights, resolve_checkpoint
 
     out = {}
     for flavour in ("gpt2", "llama"):
@@ -250,7 +250,7 @@ def _pp2_worker(root):
 
 
 def test_pp2_generation_equals_pp1(tmp_path):
-    from megatron_rlhf.training.checkpoint import save_checkpoint
+    from megatron_rlhf.checkpoint import save_checkpoint
 
     init_distributed(ParallelConfig(), tiny_config("gpt2"))
     models = {flavour: tiny_model(flavour) for flavour in ("gpt2", "llama")}

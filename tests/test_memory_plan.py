@@ -62,12 +62,16 @@ def _numel(model):
 @pytest.mark.parametrize("head", ["lm", "scalar"])
 def test_param_count_matches_build_model(megatron_single, name, head):
     from megatron_rlhf.config import ParallelConfig
-    from megatron_rlhf.models.builder import build_model, ffn_hidden_size, padded_vocab_size
-    from megatron_rlhf.memory_plan import ffn_size, padded_vocab
+    from megatron_rlhf.memory_plan import padded_vocab
+    from megatron_rlhf.models.builder import build_model
+    from megatron_rlhf.models.sizing import ffn_hidden_size
 
     m = TINY[name]
-    assert padded_vocab(m) == padded_vocab_size(V, m, 1) and ffn_size(m) == ffn_hidden_size(m)
     model = build_model(m, ParallelConfig(), vocab_size=V, scalar_head=head == "scalar")
+    # the planner's sizes are the built model's (one set of sizing rules, models/sizing.py)
+    assert model.embedding.word_embeddings.weight.shape[0] == padded_vocab(m)
+    fc1_rows = model.decoder.layers[0].mlp.linear_fc1.weight.shape[0]
+    assert fc1_rows == ffn_hidden_size(m) * (2 if m.flavour == "llama" else 1)
     assert count_params(m, head) == _numel(model)
     assert stage_params(m, head=head).total == _numel(model)
 

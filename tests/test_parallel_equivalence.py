@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -85,7 +87,7 @@ def _save_at(flavour, tp, pp, path):
     from megatron_rlhf.config import ParallelConfig
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed, seed_everything
-    from megatron_rlhf.training.checkpoint import save_checkpoint
+    from megatron_rlhf.checkpoint import save_checkpoint
 
     model_cfg = _model_cfg(flavour)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -120,10 +122,10 @@ def _load_at(flavour, tp, pp, path):
     from megatron_rlhf.config import ParallelConfig
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.stages.sft import sft_forward
+    from megatron_rlhf.recipes.sft import forward_step
     from megatron_rlhf.data import SftBatch
-    from megatron_rlhf.training.checkpoint import load_weights, resolve_checkpoint
-    from megatron_rlhf.training.trainer import run_schedule
+    from megatron_rlhf.checkpoint import load_weights, resolve_checkpoint
+    from megatron_rlhf.models.schedule import means, run_schedule
 
     model_cfg = _model_cfg(flavour)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -146,7 +148,7 @@ def _load_at(flavour, tp, pp, path):
             logits = model(tokens, positions, None)
     micro = [SftBatch(tokens[:1], labels[:1], loss_mask[:1], positions[:1]), SftBatch(tokens[1:], labels[1:], loss_mask[1:], positions[1:])]
     model.config.calculate_per_token_loss = True
-    metrics = run_schedule(model, micro, sft_forward, ["loss"], SEQ, 1, forward_only=True)
+    metrics = means(run_schedule(model, micro, partial(forward_step, vocab_size=VOCAB), forward_only=True))
     return logits, metrics["loss"]
 
 

@@ -28,7 +28,7 @@ def _run_ppo(root, out, pp):
     from megatron.core import parallel_state
 
     from megatron_rlhf.config import load_config
-    from megatron_rlhf.stages import ppo
+    from megatron_rlhf.recipes import ppo
 
     def config(run_dir, *extra):
         args = _args(Path(root), run_dir, f"parallel.pipeline_model_parallel_size={pp}", "train.lr=1e-3", *extra)

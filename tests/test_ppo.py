@@ -48,8 +48,8 @@ def _make_checkpoints(root):
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.models.reward import scalar_head
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.stages.common import checkpoint_meta
-    from megatron_rlhf.training import checkpoint as ckpt_lib
+    from megatron_rlhf.checkpoint import checkpoint_meta
+    from megatron_rlhf import checkpoint as ckpt_lib
 
     root = Path(root)
     text = root / "text.txt"
@@ -100,13 +100,13 @@ def _series(out, key):
 def _four_models(root, out):
     from megatron_rlhf.config import load_config
     from megatron_rlhf.models.builder import build_model
-    from megatron_rlhf.stages.common import setup_stage
-    from megatron_rlhf.stages.ppo import PPOTrainer
-    from megatron_rlhf.training import checkpoint as ckpt_lib
+    from megatron_rlhf.recipes.ppo import PPORecipe
+    from megatron_rlhf.training.loop import setup
+    from megatron_rlhf import checkpoint as ckpt_lib
 
     args = _args(Path(root), out, "train.lr=1e-3", "train.max_steps=2")
     cfg = load_config(args[args.index("--config") + 1], [a for a in args[3:] if "=" in a])
-    trainer = PPOTrainer(setup_stage(cfg))
+    trainer = PPORecipe(setup(cfg))
 
     def params(model):
         return {k.replace("module.", ""): v.detach().clone() for k, v in model.named_parameters()}
@@ -119,11 +119,10 @@ def _four_models(root, out):
     rm_weights = frozen_params(rm)
     critic_start, actor_start = params(trainer.critic), params(trainer.actor)
     reference_start, reward_model_start = frozen_params(trainer.reference), frozen_params(trainer.reward_model)
-    optimized = {id(p) for opt in (trainer.actor_opt, trainer.critic_opt) for g in opt.param_groups for p in g["params"]}
+    optimized = {id(p) for opt in trainer.optimizers.values() for g in opt.param_groups for p in g["params"]}
     for step in range(2):
         episodes, _ = trainer.rollout(step)
         trainer.update(episodes, step)
-        trainer.state.step += 1
     return {
         "critic_equals_rm": sorted(critic_start) == sorted(rm_weights) and all(torch.equal(critic_start[k], rm_weights[k]) for k in rm_weights),
         "reward_model_equals_rm": all(torch.equal(reward_model_start[k], rm_weights[k]) for k in rm_weights),
@@ -258,12 +257,12 @@ def test_bad_inputs_have_clear_errors(ckpts, tmp_path):
 
 def _warmup(root, out):
     from megatron_rlhf.config import load_config
-    from megatron_rlhf.stages.common import setup_stage
-    from megatron_rlhf.stages.ppo import PPOTrainer
+    from megatron_rlhf.recipes.ppo import PPORecipe
+    from megatron_rlhf.training.loop import setup
 
     args = _args(Path(root), out, "train.lr=1e-3", "train.max_steps=2", "ppo.critic_warmup_steps=1")
     cfg = load_config(args[args.index("--config") + 1], [a for a in args[3:] if "=" in a])
-    trainer = PPOTrainer(setup_stage(cfg))
+    trainer = PPORecipe(setup(cfg))
     snapshot = lambda model: [p.detach().clone() for p in model.parameters()]  # noqa: E731
     moved = lambda before, model: max((a - b).abs().max().item() for a, b in zip(before, model.parameters()))  # noqa: E731
     out = []

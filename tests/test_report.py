@@ -13,7 +13,7 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
 pytest.importorskip("matplotlib")
-from megatron_rlhf.report import KNOWN_METRICS, main, make_report  # noqa: E402
+from megatron_rlhf.commands.report import KNOWN_METRICS, main, make_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -153,7 +153,7 @@ def test_malformed_line_names_file_and_line(tmp_path, capsys):
 
 
 def test_related_curves_share_a_panel_and_one_offs_are_not_plotted(tmp_path):
-    from megatron_rlhf.report import find_stages, line_label
+    from megatron_rlhf.commands.report import find_stages, line_label
 
     root = tmp_path / "run4"
     d = write_stage(root, "rm", steps=30, eval_every=10,

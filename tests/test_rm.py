@@ -87,9 +87,9 @@ def _train_step_forwards(ks, micro_batch_size):
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.models.reward import read_rewards
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.stages import rm
-    from megatron_rlhf.stages.common import _microbatches
-    from megatron_rlhf.training.trainer import train_step
+    from megatron_rlhf.recipes import rm
+    from megatron_rlhf.training.supervised import microbatches
+    from megatron_rlhf.training.step import train_step, wrap_for_training
 
     train = TrainConfig(lr=1e-3, global_batch_size=len(ks), micro_batch_size=micro_batch_size)
     cfg = Config(stage="rm", model=_model_cfg(), train=train)
@@ -98,11 +98,11 @@ def _train_step_forwards(ks, micro_batch_size):
     _bump_head(model)
     calls = []
     model.register_forward_hook(lambda module, args, out: calls.append((args[0].clone(), out.detach().clone())))
-    ddp, optimizer, scheduler = rm.wrap_rm_for_training(model, cfg, total_steps=1)
+    ddp, optimizer, scheduler = wrap_for_training(model, cfg.parallel, cfg.train, total_steps=1)
     examples = _examples(ks, seed=len(ks) + micro_batch_size)
     task = rm.make_task(cfg, examples, [], pad_id=0)
-    micro, width, per_micro = _microbatches(task, examples, micro_batch_size)
-    metrics = train_step(ddp, optimizer, scheduler, micro, rm.rm_forward, rm.METRICS, width, per_micro)
+    micro = microbatches(task, examples, micro_batch_size)
+    metrics = train_step(ddp, optimizer, scheduler, micro, rm.forward_step)
     # Rewards as the model produced them, split back per prompt for the brute-force loss.
     rewards = torch.cat([read_rewards(out, b.last_index) for (_, out), b in zip(calls, micro)])
     sizes = [len(e.response_ids) for e in examples]
@@ -145,10 +145,11 @@ def _phase(parallel, ckpt_dir, save):
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.models.reward import score_sequences
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.stages import rm
-    from megatron_rlhf.stages.common import _microbatches
-    from megatron_rlhf.training import checkpoint as ckpt_lib
-    from megatron_rlhf.training.trainer import run_schedule, train_step
+    from megatron_rlhf.recipes import rm
+    from megatron_rlhf.training.supervised import microbatches
+    from megatron_rlhf import checkpoint as ckpt_lib
+    from megatron_rlhf.models.schedule import means, run_schedule
+    from megatron_rlhf.training.step import train_step, wrap_for_training
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -167,10 +168,10 @@ def _phase(parallel, ckpt_dir, save):
     # The training path: micro-batches of 5 and 9 rows (K = 2, 3 | 4, 5), forward-only and one step.
     examples = _examples([2, 3, 4, 5], seed=9)
     task = rm.make_task(cfg, examples, [], pad_id=0)
-    micro, width, per_micro = _microbatches(task, examples, 2)
-    evaluated = run_schedule(model, micro, rm.rm_forward, rm.METRICS, width, per_micro, forward_only=True)
-    ddp, optimizer, scheduler = rm.wrap_rm_for_training(model, cfg, total_steps=1)
-    trained = train_step(ddp, optimizer, scheduler, micro, rm.rm_forward, rm.METRICS, width, per_micro)
+    micro = microbatches(task, examples, 2)
+    evaluated = means(run_schedule(model, micro, rm.forward_step, forward_only=True))
+    ddp, optimizer, scheduler = wrap_for_training(model, cfg.parallel, cfg.train, total_steps=1)
+    trained = train_step(ddp, optimizer, scheduler, micro, rm.forward_step)
     return rewards, evaluated, trained
 
 
@@ -205,8 +206,8 @@ def _make_sft_checkpoints(root):
     from megatron_rlhf.data import Tokenizer, train_tokenizer
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.stages.common import checkpoint_meta
-    from megatron_rlhf.training import checkpoint as ckpt_lib
+    from megatron_rlhf.checkpoint import checkpoint_meta
+    from megatron_rlhf import checkpoint as ckpt_lib
 
     root = Path(root)
     text = root / "text.txt"
@@ -246,7 +247,7 @@ def rm_run(tmp_path_factory):
 
 
 def test_stage_logs_the_metrics_and_marks_the_checkpoints(rm_run):
-    from megatron_rlhf.training import checkpoint as ckpt_lib
+    from megatron_rlhf import checkpoint as ckpt_lib
 
     out = rm_run["root"] / "rm"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -312,7 +313,7 @@ def test_sft_checkpoint_of_another_vocabulary_is_refused(rm_run):
 
 def test_center_coef_adds_each_prompts_mean_squared_reward():
     from megatron_rlhf.data import ComparisonExample, collate_comparisons
-    from megatron_rlhf.stages.rm import rm_forward
+    from megatron_rlhf.recipes.rm import forward_step as rm_forward
 
     examples = [ComparisonExample([1, 5], [[6, 2], [7, 2], [8, 2]], [1, 2, 2]), ComparisonExample([1, 9], [[6, 2], [7, 7, 2]], [2, 1])]
     batch = collate_comparisons(examples, pad_id=0)

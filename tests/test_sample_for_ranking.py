@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rlhf.stages.sample_for_ranking import main
+from megatron_rlhf.commands.sample_for_ranking import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples/tiny/data"

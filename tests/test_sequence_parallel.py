@@ -52,10 +52,11 @@ def _phase(tp, sequence_parallel, ckpt_dir, save):
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.models.reward import score_sequences
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.stages import rm
-    from megatron_rlhf.stages.common import _microbatches
-    from megatron_rlhf.training import checkpoint as ckpt_lib
-    from megatron_rlhf.training.trainer import run_schedule, train_step
+    from megatron_rlhf.recipes import rm
+    from megatron_rlhf.training.supervised import microbatches
+    from megatron_rlhf import checkpoint as ckpt_lib
+    from megatron_rlhf.models.schedule import means, run_schedule
+    from megatron_rlhf.training.step import train_step, wrap_for_training
     from test_rm import _bump_head, _examples, _model_cfg
 
     if parallel_state.model_parallel_is_initialized():
@@ -77,10 +78,10 @@ def _phase(tp, sequence_parallel, ckpt_dir, save):
     rewards = score_sequences(model, sequences, micro_batch_size=3)
     examples = _examples([2, 3, 4, 5], seed=9)  # micro-batches of 5 and 9 rows
     task = rm.make_task(cfg, examples, [], pad_id=0)
-    micro, width, per_micro = _microbatches(task, examples, 2)
-    evaluated = run_schedule(model, micro, rm.rm_forward, rm.METRICS, width, per_micro, forward_only=True)
-    ddp, optimizer, scheduler = rm.wrap_rm_for_training(model, cfg, total_steps=1)
-    trained = train_step(ddp, optimizer, scheduler, micro, rm.rm_forward, rm.METRICS, width, per_micro)
+    micro = microbatches(task, examples, 2)
+    evaluated = means(run_schedule(model, micro, rm.forward_step, forward_only=True))
+    ddp, optimizer, scheduler = wrap_for_training(model, cfg.parallel, cfg.train, total_steps=1)
+    trained = train_step(ddp, optimizer, scheduler, micro, rm.forward_step)
     after = score_sequences(ddp, sequences, micro_batch_size=3)  # the update itself: every gradient
     return rewards, evaluated, trained, after
 
@@ -114,7 +115,7 @@ def test_tp2_sequence_parallel_reward_model_matches_tp1(tmp_path):
 
 def test_ppo_refuses_sequence_parallel_with_the_key_and_the_fix():
     from megatron_rlhf.config import ConfigError, load_config
-    from megatron_rlhf.stages.ppo import check_ppo_config
+    from megatron_rlhf.recipes.ppo import check_ppo_config
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(str(root / "examples/instructgpt/ppo_6b.yaml"), ["parallel.sequence_parallel=true"], stage="ppo")

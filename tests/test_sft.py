@@ -29,7 +29,7 @@ def _mask_losses():
     from megatron_rlhf.data import SftExample, collate_sft
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.stages.sft import sft_forward
+    from megatron_rlhf.recipes.sft import forward_step
 
     cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=32)
     init_distributed(ParallelConfig(), cfg)
@@ -39,7 +39,7 @@ def _mask_losses():
 
     def loss(b):
         with torch.no_grad():
-            out, fn = sft_forward(model, b)
+            out, fn = forward_step(model, b, vocab_size=64)
             s, n, _ = fn(out)
         return (s / n).item()
 

@@ -89,8 +89,8 @@ def test_every_example_config_passes_its_stages_own_checks(path):
     """The checks a stage makes on the config before it builds anything (the same functions
     its run() calls first): an example they refuse would fail on a cluster only once the
     allocation has started."""
-    from megatron_rlhf.stages.ppo import check_ppo_config
-    from megatron_rlhf.stages.rm import check_rm_config
+    from megatron_rlhf.recipes.ppo import check_ppo_config
+    from megatron_rlhf.recipes.rm import check_rm_config
 
     checks = {"sft": lambda cfg: None, "rm": check_rm_config, "ppo": check_ppo_config}  # sft: load_config's validation
     stage = Path(path).stem.split("_")[0]
@@ -155,22 +155,22 @@ def test_dry_run_other_sizes_and_bad_layouts():
 def test_pp_warning_matches_what_the_ppo_stage_accepts():
     """The dry run warns about PP>1 for PPO exactly when stages/ppo.py refuses PP>1 at start
     (since pipelined rollouts landed: neither does)."""
-    from megatron_rlhf.stages.ppo import PPOTrainer
+    from megatron_rlhf.recipes.ppo import PPORecipe
 
     cfg = load_config(str(ROOT / "examples/instructgpt/ppo_175b.yaml"), ["model.init_from=", "ppo.reward_model="])
     assert cfg.parallel.pipeline_model_parallel_size > 1
     try:  # the stage's first checks need only the config; with no checkpoints set it stops early either way
-        PPOTrainer(SimpleNamespace(cfg=cfg))
+        PPORecipe(SimpleNamespace(cfg=cfg))
     except ConfigError as exc:
         refuses_pp = "pipeline_model_parallel_size" in str(exc)
     else:
-        pytest.fail("PPOTrainer accepted a config without model.init_from")
+        pytest.fail("PPORecipe accepted a config without model.init_from")
     r = _dry_run("ppo_175b.sh")
     assert r.returncode == 0, r.stdout + r.stderr
     warned = [line for line in r.stdout.splitlines() if "WARNING" in line]
     warns = any("pipeline_model_parallel_size" in line for line in warned)
     assert warns == refuses_pp, (
-        "slurm/resolve.py known_limits() is out of step with megatron_rlhf/stages/ppo.py: "
+        "slurm/resolve.py known_limits() is out of step with megatron_rlhf/recipes/ppo.py: "
         f"stage refuses PP>1: {refuses_pp}, dry run warns: {warns}")
     assert not refuses_pp and not warned, warned  # PPO runs at PP=8: the 175B job starts
     assert "WARNING" not in _dry_run("ppo_6b.sh").stdout  # PP=1 configs resolve without warnings

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 
     _quiet()
     from megatron_rlhf.convert import ConversionError, convert_from_hf
-    from megatron_rlhf.training.checkpoint import CheckpointError
+    from megatron_rlhf.checkpoint import CheckpointError
 
     try:
         summary = convert_from_hf(

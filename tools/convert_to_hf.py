@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     _quiet()
     from megatron_rlhf.convert import ConversionError, convert_to_hf
-    from megatron_rlhf.training.checkpoint import CheckpointError
+    from megatron_rlhf.checkpoint import CheckpointError
 
     try:
         s = convert_to_hf(args.ckpt_dir, args.out_dir, network=args.network, dtype=args.dtype, max_shard_size=args.max_shard_size,

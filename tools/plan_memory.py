@@ -10,7 +10,7 @@ import sys
 # Lets the script run from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rlhf.memory_plan import main  # noqa: E402
+from megatron_rlhf.commands.plan_memory import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

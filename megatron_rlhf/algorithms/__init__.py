@@ -16,26 +16,22 @@ from .advantages import (
     whiten_with_moments,
 )
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_per_token
-from .ppo import (
-    entropy_bonus,
-    entropy_from_logits,
-    policy_loss,
-    ppo_ptx_objective,
-    ptx_batch_size,
-    ptx_loss,
-    value_loss,
-)
-from .ranking import RankingPairs, build_ranking_pairs, ranking_loss, ranking_to_pairs
-from .sft import mask_denominator, masked_token_mean, sft_loss, token_logprobs_from_logits
+from .ppo import actor_report, critic_report, entropy_bonus, policy_loss, ptx_batch_size, ptx_loss, ptx_report, value_loss
+from .ranking import RankingPairs, build_ranking_pairs, centering_penalty, ranking_loss, ranking_report, ranking_to_pairs
+from .sft import AS_SUM, LossReport, mask_denominator, masked_token_mean, sft_loss, sft_report, token_logprobs_from_logits
 
 __all__ = [
+    "AS_SUM",
     "AdaptiveKLController",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "LossReport",
     "RankingPairs",
+    "actor_report",
     "build_ranking_pairs",
+    "centering_penalty",
+    "critic_report",
     "entropy_bonus",
-    "entropy_from_logits",
     "gae",
     "kl_per_token",
     "last_token_index",
@@ -44,12 +40,14 @@ __all__ = [
     "masked_token_mean",
     "moments_to_mean_var",
     "policy_loss",
-    "ppo_ptx_objective",
     "ptx_batch_size",
     "ptx_loss",
+    "ptx_report",
     "ranking_loss",
+    "ranking_report",
     "ranking_to_pairs",
     "sft_loss",
+    "sft_report",
     "shape_rewards",
     "token_logprobs_from_logits",
     "value_loss",

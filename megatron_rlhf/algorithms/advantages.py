@@ -39,7 +39,7 @@ def shape_rewards(
 
     Summed over a response with the k1 estimator this is exactly
     ``r_theta(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x))``. The pretraining term of eq. 2 is
-    a separate loss (``ppo.ppo_ptx_objective``).
+    a separate loss (``ppo.ptx_report``).
 
     Args:
         rm_scores: ``[batch]`` reward-model score of each full response.

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .kl import kl_per_token
-from .sft import TokenCount, masked_token_mean
+from .sft import AS_SUM, LossReport, TokenCount, masked_token_mean, sft_loss
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -120,23 +120,13 @@ def value_loss(
     return loss, metrics
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` of ``[..., vocab]`` logits.
-
-    Only for a vocabulary held whole on one device; tensor-parallel (vocab-sharded) logits
-    need the reductions done across ranks. Returns ``[...]``.
-    """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
 def entropy_bonus(
     entropy: torch.Tensor, mask: torch.Tensor, coef: float, num_tokens: TokenCount = None
 ) -> Tuple[torch.Tensor, Metrics]:
     """Loss term ``-coef * masked_mean(entropy)``; adding it to a loss rewards exploration.
 
     Args:
-        entropy: ``[batch, seq]`` per-token entropy (e.g. ``entropy_from_logits``).
+        entropy: ``[batch, seq]`` per-token entropy (``models.logprobs.vocab_parallel_entropy``).
         mask, num_tokens: as in ``policy_loss``.
         coef: entropy coefficient (>= 0).
 
@@ -155,48 +145,6 @@ def ptx_loss(ptx_nll_mean: torch.Tensor, coef: float) -> torch.Tensor:
     return coef * ptx_nll_mean
 
 
-def ppo_ptx_objective(
-    policy_loss: torch.Tensor,
-    ptx_nll: Optional[torch.Tensor] = None,
-    ptx_coef: float = 0.0,
-    entropy: Optional[torch.Tensor] = None,
-    entropy_coef: float = 0.0,
-) -> Tuple[torch.Tensor, Metrics]:
-    """The policy's PPO-ptx loss, InstructGPT eq. 2 negated for minimisation.
-
-        total = policy_loss - entropy_coef * entropy + ptx_coef * ptx_nll
-
-    The RL part of eq. 2 (reward minus beta * KL) enters through ``policy_loss``, since the KL
-    penalty is folded into the per-token rewards (``advantages.shape_rewards``). The critic is a
-    separate model in InstructGPT, so ``value_loss`` is not part of this sum.
-
-    Args:
-        policy_loss: scalar from ``policy_loss``.
-        ptx_nll: scalar mean pretraining NLL, or None for plain PPO.
-        ptx_coef: gamma (InstructGPT: 27.8).
-        entropy: scalar mean entropy, or None.
-        entropy_coef: entropy bonus coefficient.
-
-    Returns:
-        ``(total, metrics)`` with detached ``total_loss``, ``ptx_nll``, ``ptx_loss``, ``entropy``
-        (the latter three only when given).
-    """
-    total = policy_loss
-    metrics: Metrics = {}
-    if ptx_nll is not None:
-        ptx_term = ptx_loss(ptx_nll, ptx_coef)
-        total = total + ptx_term
-        metrics["ptx_nll"] = ptx_nll.detach()
-        metrics["ptx_loss"] = ptx_term.detach()
-    elif ptx_coef != 0.0:
-        raise ValueError(f"ptx_coef={ptx_coef} but no ptx_nll was given")
-    if entropy is not None:
-        total = total - entropy_coef * entropy
-        metrics["entropy"] = entropy.detach()
-    metrics["total_loss"] = total.detach()
-    return total, metrics
-
-
 def ptx_batch_size(num_episodes: int, ptx_ratio: float) -> int:
     """Pretraining examples to mix with ``num_episodes`` RL episodes.
 
@@ -213,3 +161,60 @@ def ptx_batch_size(num_episodes: int, ptx_ratio: float) -> int:
         return 0
     # tolerance: 45 * 0.7 == 31.499999999999996 must still round like 31.5
     return max(1, math.floor(product + 0.5 + 1e-9))
+
+
+# ----------------------------------------------------------------------------- the PPO-ptx step
+#
+# InstructGPT eq. 2, negated, for one actor step over a mini-batch of episodes E and
+# pretraining sequences D:
+#
+#     loss = mean_{t in E} clipped surrogate_t - entropy_coef * mean_{t in E} H_t
+#            + gamma * mean_{t in D} nll_t
+#
+# Episodes and pretraining sequences are separate micro-batches of one schedule call, and the
+# schedule divides the summed gradients by ONE global count, the episode tokens N_E. So an
+# episode micro-batch reports its sums with its token count, and a pretraining micro-batch
+# reports ``gamma * (N_E / N_D) * sum nll`` with count 0: after the division by N_E that is
+# ``gamma * mean_D nll``. N_E and N_D are global (summed over data-parallel ranks).
+
+
+def actor_report(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor,
+    clip_eps: float,
+    entropy_coef: float,
+) -> LossReport:
+    """An episode micro-batch of the actor step: clipped surrogate (``policy_loss``) minus the
+    entropy bonus (``entropy_bonus``), as sums over its response tokens, counted in tokens.
+    ``entropy`` may be detached when ``entropy_coef`` is 0 (it is then only a metric)."""
+    loss_sum, m = policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_eps, num_tokens=AS_SUM)
+    bonus, em = entropy_bonus(entropy, action_mask, entropy_coef, num_tokens=AS_SUM)
+    if entropy_coef:
+        loss_sum = loss_sum + bonus
+    n = action_mask.sum()
+    return loss_sum, n, {
+        "policy_loss": (m["policy_loss"], n),
+        "clipfrac": (m["clipfrac"], n),
+        "approx_kl": (m["approx_kl"], n),
+        "entropy": (em["entropy"], n),
+    }
+
+
+def ptx_report(token_logprobs: torch.Tensor, loss_mask: torch.Tensor, ptx_coef: float, episode_tokens: float, ptx_tokens: float) -> LossReport:
+    """A pretraining micro-batch of the actor step: ``gamma * (N_E / N_D) * sum nll`` with count
+    0 (see above), so the step adds ``ptx_loss(mean_D nll, gamma)``. The metric ``ptx_loss`` is
+    the pretraining NLL itself (sum, tokens), logged even when gamma is 0."""
+    nll_sum, _ = sft_loss(-token_logprobs, loss_mask, num_tokens=AS_SUM)
+    loss_sum = ptx_loss(nll_sum, ptx_coef * (episode_tokens / max(ptx_tokens, 1.0)))
+    return loss_sum, 0, {"ptx_loss": (nll_sum.detach(), loss_mask.sum())}
+
+
+def critic_report(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor, clip_eps: Optional[float]) -> LossReport:
+    """A micro-batch of the critic step: the clipped value loss (``value_loss``) as a sum over
+    its response tokens, counted in tokens."""
+    loss_sum, m = value_loss(values, old_values, returns, action_mask, clip_eps, num_tokens=AS_SUM)
+    n = action_mask.sum()
+    return loss_sum, n, {"value_loss": (loss_sum.detach(), n), "value_clipfrac": (m["value_clipfrac"], n)}

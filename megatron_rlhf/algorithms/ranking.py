@@ -168,3 +168,35 @@ def ranking_loss(
         "margin": margins_detached.mean(),
     }
     return loss, metrics
+
+
+def centering_penalty(rewards: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Reward centering (Eisenstein et al., 2023): ``sum_p mean_{i in p} r_i^2``, summed over
+    the prompts (each prompt's responses are ``rewards[offsets[p]:offsets[p + 1]]``)."""
+    sizes = offsets[1:] - offsets[:-1]
+    row_prompt = torch.repeat_interleave(torch.arange(sizes.numel(), device=rewards.device), sizes.to(rewards.device))
+    per_prompt = torch.zeros(sizes.numel(), dtype=rewards.dtype, device=rewards.device)
+    per_prompt.index_add_(0, row_prompt, rewards.square())
+    return (per_prompt / sizes.to(rewards.dtype)).sum()
+
+
+def ranking_report(rewards: torch.Tensor, pairs: RankingPairs, center_coef: float = 0.0):
+    """Eq. 1 as the schedule takes it (``sft.LossReport``): the SUM over this micro-batch's
+    prompts of each prompt's pair mean (+ ``center_coef`` x :func:`centering_penalty`),
+    counted in prompts, so the step is the mean over the global batch's prompts.
+
+    Metrics are counted in pairs: ``accuracy`` (ties in reward count as wrong),
+    ``chosen_reward``, ``rejected_reward``, ``margin``.
+    """
+    loss_sum, _ = ranking_loss(rewards, pairs.winner, pairs.loser, pairs.prompt, num_prompts=1.0)
+    if center_coef:
+        loss_sum = loss_sum + center_coef * centering_penalty(rewards, pairs.offsets)
+    chosen, rejected = rewards[pairs.winner].detach().float(), rewards[pairs.loser].detach().float()
+    n_pairs, n_prompts = pairs.winner.numel(), pairs.num_prompts
+    return loss_sum, n_prompts, {
+        "loss": (loss_sum.detach(), n_prompts),
+        "accuracy": (((chosen - rejected) > 0).float().sum(), n_pairs),
+        "chosen_reward": (chosen.sum(), n_pairs),
+        "rejected_reward": (rejected.sum(), n_pairs),
+        "margin": ((chosen - rejected).sum(), n_pairs),
+    }

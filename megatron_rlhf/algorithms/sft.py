@@ -12,6 +12,12 @@ import torch
 
 Number = Union[int, float]
 TokenCount = Optional[Union[Number, torch.Tensor]]
+# What a loss builder returns to Megatron's schedule (``models/schedule.py``): this micro-batch's
+# loss SUM, the number of units it covers (tokens, prompts) and {metric: (sum, count)}. The
+# schedule divides by the global count (summed over micro-batches and data-parallel ranks).
+LossReport = Tuple[torch.Tensor, Union[int, torch.Tensor], Dict[str, Tuple[torch.Tensor, Union[int, torch.Tensor]]]]
+# ``num_tokens=AS_SUM`` makes a masked mean return the masked sum: the global division is the schedule's.
+AS_SUM = 1.0
 
 
 def mask_denominator(mask: torch.Tensor, num_tokens: TokenCount = None, dtype: torch.dtype = torch.float32):
@@ -86,3 +92,17 @@ def sft_loss(
         "num_tokens": loss_mask.to(torch.float32).sum().detach(),
     }
     return loss, metrics
+
+
+def sft_report(token_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> LossReport:
+    """The SFT loss as the schedule takes it: ``sum_t nll_t * mask_t`` over this micro-batch,
+    counted in response tokens, so the step is the global token mean of :func:`sft_loss`.
+
+    Args:
+        token_logprobs: ``[batch, seq]`` log p(target) (``models.logprobs.token_logprobs``:
+            padded vocabulary ids excluded).
+        loss_mask: ``[batch, seq]``; True on response tokens.
+    """
+    loss_sum, _ = sft_loss(-token_logprobs, loss_mask, num_tokens=AS_SUM)
+    count = loss_mask.sum()
+    return loss_sum, count, {"loss": (loss_sum.detach(), count)}

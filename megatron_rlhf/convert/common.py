@@ -11,7 +11,7 @@ from typing import Optional
 from megatron_rlhf.config import ModelConfig
 from megatron_rlhf.convert.layout import Arch
 from megatron_rlhf.models.builder import ffn_hidden_size
-from megatron_rlhf.training.checkpoint import CheckpointError
+from megatron_rlhf.checkpoint import CheckpointError
 
 
 class ConversionError(CheckpointError):

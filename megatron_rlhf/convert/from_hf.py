@@ -269,7 +269,7 @@ def convert_from_hf(
     build_cfg = dataclasses.replace(model, precision="fp32", transformer_impl="local")
     prepare_out_dir(out_dir, overwrite)
     with single_process(build_cfg):
-        from megatron_rlhf.training.checkpoint import save_checkpoint
+        from megatron_rlhf.checkpoint import save_checkpoint
 
         net = build_model(build_cfg, ParallelConfig(), vocab, initialize=False)
         params = dict(net.named_parameters())

@@ -33,7 +33,7 @@ from megatron_rlhf.convert.layout import OUTPUT_B, OUTPUT_W, WORD_EMB, Arch, exp
 from megatron_rlhf.convert.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, nbytes, parse_size
 from megatron_rlhf.data.jsonl import DataError
 from megatron_rlhf.data.tokenizer import Tokenizer
-from megatron_rlhf.training import checkpoint as ckpt_lib
+from megatron_rlhf.checkpoint import io as ckpt_lib
 
 
 def default_network(meta: dict, ckpt: Path) -> str:

@@ -141,6 +141,7 @@ def parse_comparison(record: dict, path, line: int) -> Tuple[str, List[str], Lis
         ranks = [0] * k
         for position, index in enumerate(values):
             ranks[index] = position + 1
+        _check_identical(responses, ranks, fail)
         return record["prompt"], list(responses), ranks
 
     if any(not 1 <= v <= k for v in values):
@@ -150,7 +151,18 @@ def parse_comparison(record: dict, path, line: int) -> Tuple[str, List[str], Lis
         )
     if len(set(values)) == 1:
         raise fail(f"all {k} responses are tied ({values}): no ordered pair to learn from", "rank them or drop the line")
+    _check_identical(responses, values, fail)
     return record["prompt"], list(responses), list(values)
+
+
+def _check_identical(responses: List[str], ranks: List[int], fail) -> None:
+    """Identical texts (up to whitespace) must share a rank: one text with two ranks teaches r(y) > r(y)."""
+    first: dict = {}
+    for i, text in enumerate(responses):
+        j = first.setdefault(" ".join(text.split()), i)
+        if j != i and ranks[i] != ranks[j]:
+            raise fail(f"responses[{j}] and responses[{i}] are the same text but ranked {ranks[j]} and {ranks[i]}",
+                       'give identical responses the same rank (a tie, with "ranking"), or drop one')
 
 
 def fit_comparison(prompt_len: int, longest: int, seq_length: int, truncation: str) -> Tuple[str, int]:

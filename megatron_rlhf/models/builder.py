@@ -10,7 +10,6 @@ with the unembedding replaced by a scalar head (:class:`ScalarHead`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -23,29 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rlhf.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rlhf.models.attention import SDPAttention
-
-
-def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
-    """Pad the vocabulary to a multiple of ``make_vocab_size_divisible_by``.
-
-    Unlike Megatron-LM we do not multiply by TP: the padded size then does not depend on
-    the layout, so a checkpoint saved at TP=2 loads at TP=1 (and vice versa) unchanged.
-    """
-    multiple = model.make_vocab_size_divisible_by
-    if multiple % tp:
-        raise ConfigError(
-            f"model.make_vocab_size_divisible_by={multiple} must be a multiple of "
-            f"parallel.tensor_model_parallel_size={tp}"
-        )
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
-def ffn_hidden_size(model: ModelConfig) -> int:
-    if model.ffn_hidden_size:
-        return model.ffn_hidden_size
-    if model.flavour == "llama":
-        return int(math.ceil(8 * model.hidden_size / 3 / 64) * 64)
-    return 4 * model.hidden_size
+from megatron_rlhf.models.sizing import ffn_hidden_size, padded_vocab_size, tied_embeddings  # noqa: F401 (the builder's sizing rules)
 
 
 def use_transformer_engine(model: ModelConfig) -> bool:
@@ -185,7 +162,7 @@ def build_model(
         torch.manual_seed(seed)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     config = transformer_config(model, parallel, initialize)
-    tied = not model.untie_embeddings_and_output_weights if model.untie_embeddings_and_output_weights is not None else model.flavour == "gpt2"
+    tied = tied_embeddings(model)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),
@@ -205,3 +182,10 @@ def build_model(
     gpt.rlhf_vocab_size = vocab_size  # the unpadded size, for log-probs and export
     gpt.rlhf_scalar_head = scalar_head
     return gpt
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers (their forward passes through)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model

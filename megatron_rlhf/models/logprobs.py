@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from megatron_rlhf.algorithms.sft import token_logprobs_from_logits
+
 # exp(NEG_LOGIT - max) underflows to exactly 0 in fp32, while NEG_LOGIT * 0 stays 0 (with
 # -inf it would be nan in the entropy's sum of p * z).
 NEG_LOGIT = -1.0e30
@@ -110,9 +112,7 @@ def token_logprobs(
     logits = mask_padded_vocab(logits, vocab_size, rank)
     if group is None:
         # Single process without Megatron's state: the same maths, unsharded.
-        logp = torch.log_softmax(logits, dim=-1)
-        safe = targets.clamp(0, logits.shape[-1] - 1)
-        return logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        return token_logprobs_from_logits(logits, targets.clamp(0, logits.shape[-1] - 1))
     from megatron.core import tensor_parallel
 
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)

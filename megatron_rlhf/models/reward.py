@@ -26,19 +26,15 @@ from typing import List, NamedTuple, Sequence
 import torch
 
 from megatron_rlhf.data import pad_sequences
-from megatron_rlhf.training.trainer import broadcast_from_last_stage, forward_collect
+from megatron_rlhf.models.builder import unwrap
+from megatron_rlhf.models.schedule import broadcast_from_last_stage, forward_collect
+from megatron_rlhf.parallel import to_device
 
 
 class ScoreBatch(NamedTuple):
     tokens: torch.Tensor  # [b, s] long, right-padded
     position_ids: torch.Tensor  # [b, s] long
     last_index: torch.Tensor  # [b] long: position of each row's last real token (its eos)
-
-
-def unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def scalar_head(model):
@@ -73,12 +69,6 @@ def _score_forward(model, batch):
     return value_forward(model, batch), lambda values: read_rewards(values, batch.last_index).detach()
 
 
-def _to_device(batch: ScoreBatch) -> ScoreBatch:
-    if not torch.cuda.is_available():
-        return batch
-    return ScoreBatch(*(t.cuda(non_blocking=True) for t in batch))
-
-
 @torch.no_grad()
 def score_sequences(
     model, token_lists: Sequence[Sequence[int]], micro_batch_size: int = 16, pad_id: int = 0, pad_to_multiple_of: int = 16
@@ -101,14 +91,8 @@ def score_sequences(
     batches: List[ScoreBatch] = []
     for start in range(0, n, micro_batch_size):
         chunk = [token_lists[i] for i in order[start : start + micro_batch_size]]
-        batches.append(_to_device(ScoreBatch(*pad_sequences(chunk, pad_id, pad_to_multiple_of))))
-    outputs = forward_collect(
-        model,
-        batches,
-        _score_forward,
-        seq_length=max(b.tokens.shape[1] for b in batches),
-        micro_batch_size=max(b.tokens.shape[0] for b in batches),
-    )
+        batches.append(to_device(ScoreBatch(*pad_sequences(chunk, pad_id, pad_to_multiple_of))))
+    outputs = forward_collect(model, batches, _score_forward)
     sorted_rewards = broadcast_from_last_stage(torch.cat([o.float() for o in outputs]) if outputs is not None else None, (n,))
     rewards = torch.empty(n, dtype=torch.float32)
     rewards[torch.tensor(order)] = sorted_rewards.cpu()

@@ -1,4 +1,4 @@
-"""Checkpoints: Megatron-Core dist-checkpointing, written atomically, loadable at any layout.
+"""Checkpoint files: Megatron-Core dist-checkpointing, written atomically, loadable at any layout.
 
 Layout of a run's ``checkpoints/`` folder::
 
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_rlhf.models.builder import unwrap
 from megatron_rlhf.parallel import barrier, is_rank0
 
 LATEST = "latest"
@@ -79,7 +80,14 @@ def latest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
 
 
 def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "meta.json").read_text())
+    """``meta.json`` of a checkpoint folder (interpreted by ``checkpoint/meta.py``)."""
+    path = Path(ckpt) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {ckpt} is not a complete checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); resume from an earlier checkpoint") from None
 
 
 def _layout() -> dict:
@@ -88,12 +96,6 @@ def _layout() -> dict:
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
     }
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def rng_state() -> dict:
@@ -143,7 +145,7 @@ def save_checkpoint(
     barrier()
     unstepped = []
     for name, network in networks.items():
-        model = _unwrap(network)
+        model = unwrap(network)
         sharded = {"model": model.sharded_state_dict(prefix="")}
         optimizer = (optimizers or {}).get(name)
         if optimizer is not None and not _has_stepped(optimizer):
@@ -210,7 +212,7 @@ def load_weights(network, ckpt: Path, name: str = "model", skip_output_layer: bo
     if not (ckpt / name).is_dir():
         have = read_meta(ckpt).get("networks", []) if (ckpt / "meta.json").is_file() else []
         raise CheckpointError(f"{ckpt} has no network '{name}' (it has: {', '.join(have) or 'nothing'})")
-    model = _unwrap(network)
+    model = unwrap(network)
     sharded = model.sharded_state_dict(prefix="")
     if skip_output_layer:
         sharded = {k: v for k, v in sharded.items() if not k.startswith("output_layer.")}
@@ -238,7 +240,7 @@ def load_checkpoint(ckpt: Path, networks: dict, optimizers: Optional[dict] = Non
             f"start a fresh run with model.init_from={ckpt}"
         )
     for name, network in networks.items():
-        model = _unwrap(network)
+        model = unwrap(network)
         sharded = {"model": model.sharded_state_dict(prefix="")}
         optimizer = (optimizers or {}).get(name)
         if name in meta.get("unstepped_optimizers", []):

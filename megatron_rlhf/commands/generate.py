@@ -12,7 +12,6 @@ launched under torchrun with ``--tensor-model-parallel-size``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -32,46 +31,24 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size (under torchrun)")
     p.add_argument("--output", help="JSONL file to write (default: stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal anyway)")
     return p
 
 
-def load_policy(checkpoint: str, tp: int = 1):
-    """(model, tokenizer, meta) for a policy checkpoint, at TP=``tp``, PP=1, in eval mode."""
-    from megatron_rlhf.config import ModelConfig, ParallelConfig
-    from megatron_rlhf.data import Tokenizer
-    from megatron_rlhf.models.builder import build_model
-    from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.training import checkpoint as ckpt_lib
-
-    ckpt = ckpt_lib.resolve_checkpoint(checkpoint)
-    meta = ckpt_lib.read_meta(ckpt)
-    if meta.get("kind") not in (None, "policy"):
-        raise ckpt_lib.CheckpointError(f"{ckpt} is a '{meta.get('kind')}' checkpoint; generate needs a policy (an SFT or PPO run)")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
-    model_cfg = dataclasses.replace(model_cfg, hidden_dropout=0.0, attention_dropout=0.0, init_from="", tokenizer=str(ckpt / "tokenizer.model"))
-    parallel = ParallelConfig(tensor_model_parallel_size=tp)
-    init_distributed(parallel, model_cfg)
-    tokenizer = Tokenizer.load(ckpt / "tokenizer.model")
-    model = build_model(model_cfg, parallel, tokenizer.vocab_size, seed=0)
-    network = "actor" if "actor" in meta.get("networks", []) else "model"
-    ckpt_lib.load_weights(model, ckpt, network)
-    return model.eval(), tokenizer, meta
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_rlhf.checkpoint import load_policy
+    from megatron_rlhf.config import ParallelConfig
     from megatron_rlhf.data import DataError, load_prompts, prompt_budget
     from megatron_rlhf.models.generation import generate
-    from megatron_rlhf.parallel import is_rank0
+    from megatron_rlhf.parallel import device, is_rank0
     from megatron_rlhf.progress import progress
-    from megatron_rlhf.training.checkpoint import CheckpointError
 
     try:
-        model, tok, meta = load_policy(args.checkpoint, args.tensor_model_parallel_size)
+        model, tok, meta, _ = load_policy(args.checkpoint, ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size))
+        model.eval()
         budget = prompt_budget(meta["model"]["seq_length"], args.max_new_tokens)
         if args.prompt is not None:
             prompts = [[tok.bos_id] + tok.encode(args.prompt)]
@@ -82,10 +59,9 @@ def main(argv=None) -> int:
             prompts = load_prompts(args.prompts, tok, budget)
             with open(args.prompts, encoding="utf-8") as fh:
                 texts = [json.loads(line)["prompt"] for line in fh if line.strip()]
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"megatron-rlhf generate: error: {exc}", file=sys.stderr)
-        return 2
-    generator = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(args.seed)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    generator = torch.Generator(device=device()).manual_seed(args.seed)
     out = open(args.output, "w", encoding="utf-8") if args.output and is_rank0() else None
     bar = progress(args.num_samples * len(prompts), "generate", "sample", enable=not args.no_progress)
     try:

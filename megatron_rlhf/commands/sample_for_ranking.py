@@ -38,7 +38,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import List
 
 import torch
 
@@ -96,11 +96,12 @@ def sample(args) -> int:
     from megatron_rlhf.data.prompts import PROMPT_FIX
     from megatron_rlhf.parallel import is_rank0
     from megatron_rlhf.progress import progress
-    from megatron_rlhf.stages.generate import load_policy
-    from megatron_rlhf.training.checkpoint import CheckpointError
+    from megatron_rlhf.checkpoint import CheckpointError, load_policy
+    from megatron_rlhf.config import ParallelConfig
 
     try:
-        model, tok, meta = load_policy(args.checkpoint, args.tensor_model_parallel_size)
+        model, tok, meta, _ = load_policy(args.checkpoint, ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size))
+        model.eval()
         budget = prompt_budget(meta["model"]["seq_length"], args.max_new_tokens)
         prompts = load_prompts(args.prompts, tok, budget)  # validates every line and its length first
         records = list(read_jsonl(args.prompts, {"prompt": str}, PROMPT_FIX))
@@ -186,18 +187,10 @@ def _distinct_samples(model, tok, prompts: List[List[int]], k: int, args, genera
 
 
 def check_task(record: dict, path, line: int) -> None:
-    """The RM loader's validation, plus: identical responses must share a rank."""
-    from megatron_rlhf.data.jsonl import data_error
+    """The RM loader's validation (which also refuses identical responses with different ranks)."""
     from megatron_rlhf.data.ranking import parse_comparison
 
-    _, responses, ranks = parse_comparison(record, path, line)
-    first: Dict[str, int] = {}
-    for i, text in enumerate(responses):
-        key = " ".join(text.split())
-        j = first.setdefault(key, i)
-        if j != i and ranks[i] != ranks[j]:
-            raise data_error(path, line, f"responses[{j}] and responses[{i}] are the same text but ranked {ranks[j]} and {ranks[i]}",
-                             "give identical responses the same rank")
+    parse_comparison(record, path, line)
 
 
 def check_files(paths: List[str]) -> int:

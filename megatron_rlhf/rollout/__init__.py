@@ -1,0 +1,1 @@
+"""Rollouts: the episodes a PPO iteration learns from (``episodes``)."""
