@@ -11,10 +11,11 @@ from .meta import (
     load_tokenizer,
     model_config_from_meta,
     policy_network,
+    with_architecture,
 )
 
 __all__ = [
     "CheckpointError", "check_compatible", "check_kind", "checkpoint_meta", "iter_name", "latest_checkpoint",
     "load_checkpoint", "load_policy", "load_reward_model", "load_tokenizer", "load_weights", "mark_best",
-    "model_config_from_meta", "policy_network", "read_meta", "resolve_checkpoint", "save_checkpoint",
+    "model_config_from_meta", "policy_network", "read_meta", "resolve_checkpoint", "save_checkpoint", "with_architecture",
 ]

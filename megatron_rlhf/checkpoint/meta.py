@@ -83,6 +83,13 @@ def model_config_from_meta(meta: dict, tokenizer_path: str = "", **overrides) ->
     return dataclasses.replace(ModelConfig(**saved), **fields)
 
 
+def with_architecture(model: ModelConfig, meta: dict) -> ModelConfig:
+    """``model`` with the network shape (``ARCH_FIELDS``) of the checkpoint ``meta`` describes:
+    a critic built from a reward model of another size than the actor."""
+    saved = meta.get("model", {})
+    return dataclasses.replace(model, **{k: saved[k] for k in ARCH_FIELDS if k in saved})
+
+
 def load_tokenizer(ckpt: Path) -> Tokenizer:
     """The tokenizer a checkpoint carries."""
     path = Path(ckpt) / TOKENIZER_FILE

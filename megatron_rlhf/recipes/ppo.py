@@ -38,8 +38,7 @@ import torch
 from megatron_rlhf.algorithms import advantages as adv_lib
 from megatron_rlhf.algorithms.kl import AdaptiveKLController, FixedKLController
 from megatron_rlhf.algorithms.ppo import actor_report, critic_report, ptx_batch_size, ptx_report
-from megatron_rlhf.checkpoint import check_compatible, check_kind, load_weights, policy_network, read_meta, resolve_checkpoint
-from megatron_rlhf.checkpoint.meta import ARCH_FIELDS
+from megatron_rlhf.checkpoint import check_compatible, check_kind, load_weights, policy_network, read_meta, resolve_checkpoint, with_architecture
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import collate_sft, load_pretrain, load_prompts, prompt_budget
 from megatron_rlhf.models.builder import build_model
@@ -136,8 +135,7 @@ class PPORecipe:
                 f"actor/RM tokenizer mismatch: ppo.reward_model={rm} uses tokenizer {rm_meta.get('tokenizer_fingerprint')}, "
                 f"the actor ({sft}) uses {tok.fingerprint()}; train the RM from this SFT model"
             )
-        rm_model = dataclasses.replace(cfg.model, **{k: rm_meta["model"][k] for k in ARCH_FIELDS if k in rm_meta["model"]})
-        self.critic_model = rm_model
+        rm_model = self.critic_model = with_architecture(cfg.model, rm_meta)
         seed = cfg.train.seed
         self.actor = build_model(cfg.model, cfg.parallel, self.vocab, seed=seed)
         load_weights(self.actor, sft, policy_network(sft_meta))

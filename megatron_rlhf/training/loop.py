@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
@@ -34,7 +33,7 @@ from megatron_rlhf.data import Tokenizer, epoch_order
 from megatron_rlhf.parallel import LaunchEnv, all_reduce, init_distributed, is_rank0, seed_everything
 from megatron_rlhf.training.metrics import MetricsLogger
 from megatron_rlhf.training.output_dir import OutputLock, record_config
-from megatron_rlhf.training.step import PreemptionFlag
+from megatron_rlhf.training.step import PreemptionFlag, reapply_schedule
 
 
 class DivergenceError(RuntimeError):
@@ -195,7 +194,6 @@ def run(ctx: RunContext, recipe: Recipe) -> dict:
         if evaluating and state.step == 0:
             _evaluate(ctx, recipe, state, logger, checkpoints)
         while state.step < recipe.total_steps:
-            t0 = time.perf_counter()
             metrics = recipe.train_step(state.step)
             state.step += 1
             skipped = int(metrics.pop("skipped", 0))
@@ -212,7 +210,6 @@ def run(ctx: RunContext, recipe: Recipe) -> dict:
             else:
                 nonfinite = 0
             metrics.pop("loss", None)
-            metrics["step_time_s"] = time.perf_counter() - t0
             if state.step % train.log_interval == 0 or state.step == recipe.total_steps:
                 logger.log(state.step, metrics)
             logger.advance()
@@ -237,6 +234,7 @@ def _resume(latest: Path, recipe: Recipe) -> LoopState:
     try:
         for name, scheduler in recipe.schedulers.items():
             scheduler.load_state_dict(saved["schedulers"][name])
+            reapply_schedule(recipe.optimizers[name], scheduler)
         recipe.load_state_dict(saved["recipe"])
         return LoopState(**saved["loop"])
     except KeyError as exc:

@@ -76,6 +76,15 @@ def wrap_for_training(model, parallel: ParallelConfig, train: TrainConfig, lr: O
     return ddp, optimizer, scheduler
 
 
+def reapply_schedule(optimizer, scheduler) -> None:
+    """After a resume, make the config's LR schedule the one that runs: the optimizer's param
+    groups carry ``max_lr``/``min_lr`` from the checkpoint, and Megatron's scheduler reads
+    them before its own (which ``override_opt_param_scheduler`` already took from the config)."""
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+    scheduler.step(increment=0)
+
+
 def grads_are_finite(model) -> bool:
     """True when every gradient on every rank is finite (the NaN/inf guard)."""
     finite = torch.ones(1, dtype=torch.float32)

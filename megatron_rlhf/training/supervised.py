@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from megatron_rlhf.config import Config
+from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import split_holdout
 from megatron_rlhf.models.schedule import means
 from megatron_rlhf.parallel import data_parallel_sum, to_device
@@ -81,8 +81,6 @@ class SupervisedRecipe:
         self.ctx, self.task = ctx, task
         self.kind = task.kind
         if len(task.train_examples) < cfg.train.global_batch_size:
-            from megatron_rlhf.config import ConfigError
-
             raise ConfigError(
                 f"{cfg.data.train_path}: {len(task.train_examples)} training examples, fewer than one global batch "
                 f"(train.global_batch_size={cfg.train.global_batch_size}); lower train.global_batch_size or add data"
@@ -106,8 +104,9 @@ class SupervisedRecipe:
         metrics = train_step(self.model, self.optimizers["model"], self.schedulers["model"], micro, task.forward_fn)
         (tokens,) = data_parallel_sum([sum(task.count_tokens(b) for b in micro)])
         record = {f"train/{k}": v for k, v in metrics.items() if k not in ("grad_norm", "skipped")}
+        elapsed = time.perf_counter() - t0
         record.update(
-            lr=lr_now(self.optimizers["model"]), grad_norm=metrics["grad_norm"], tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
+            lr=lr_now(self.optimizers["model"]), grad_norm=metrics["grad_norm"], tokens_per_s=tokens / max(elapsed, 1e-9), step_time_s=elapsed,
             skipped=metrics["skipped"], loss=metrics.get("loss", math.nan),
         )
         return record
