@@ -12,10 +12,10 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
 from megatron_rlhf.config import ModelConfig  # noqa: E402
+from megatron_rlhf.commands.plan_memory import main  # noqa: E402
 from megatron_rlhf.memory_plan import (  # noqa: E402
     GIB,
     count_params,
-    main,
     plan_memory,
     preset,
     search_nodes,
