@@ -1,6 +1,6 @@
 """CUDA greedy generation gives the CPU's tokens on a tiny model.
 
-A tiny SFT policy trains 30 steps in FP32 on the GPU (model.precision=fp32), then
+A tiny SFT policy trains 100 steps in FP32 on the GPU (model.precision=fp32), then
 ``megatron-rlhf generate`` decodes 16 prompts greedily (temperature 0, 24 new tokens, static
 KV cache) once on the GPU and once in a process that sees no GPU (CUDA_VISIBLE_DEVICES="",
 the CPU path with cpu_compat). Every response must be the same token list. FP32 on both
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gpu
 
 def test_cuda_greedy_generation_equals_cpu(tmp_path):
     run = tmp_path / "sft"
-    proc = cli("sft", "--config", SFT_YAML, *QUIET, "model.precision=fp32", "train.max_steps=30", "train.eval_interval=0",
+    proc = cli("sft", "--config", SFT_YAML, *QUIET, "model.precision=fp32", "train.max_steps=100", "train.eval_interval=0",
                "data.valid_path=", f"output_dir={run}")
     assert proc.returncode == 0, ok(proc)
     prompts = tmp_path / "prompts.jsonl"
