@@ -79,6 +79,9 @@ def _preset(config: dict) -> str:
     return name.upper() if name[0].isdigit() and name[-1] in "bm" else name
 
 
+FLAVOURS = {"llama": "Llama", "gpt2": "GPT-2"}
+
+
 def _precision(config: dict) -> str:
     return "FP8 (TE hybrid)" if config.get("fp8") else config["precision"].upper()
 
@@ -97,7 +100,7 @@ def _sft_what(r: dict) -> str:
     c = r["config"]
     m = c["model"]
     n = r.get("shape", {}).get("parameters")
-    name = f"{_preset(c)} {m['flavour'].capitalize()}" + (f" ({_size(n)})" if n else "")
+    name = f"{_preset(c)} {FLAVOURS.get(m['flavour'], m['flavour'])}" + (f" ({_size(n)})" if n else "")
     extra = "" if is_gpu(r) else " (CPU smoke)"
     return (f"SFT {name}, {_precision(c)}, seq {m['seq_length']}, mbs {c['micro_batch_size']}, "
             f"recompute {c.get('recompute', 'none')}{extra}")
@@ -106,7 +109,7 @@ def _sft_what(r: dict) -> str:
 def _ppo_what(r: dict) -> str:
     c = r["config"]
     n = r.get("shape", {}).get("parameters")
-    name = f"{_preset(c)} {c['model']['flavour'].capitalize()}" + (f" ({_size(n)})" if n else "")
+    name = f"{_preset(c)} {FLAVOURS.get(c['model']['flavour'], c['model']['flavour'])}" + (f" ({_size(n)})" if n else "")
     extra = "" if is_gpu(r) else " (CPU smoke)"
     return (f"PPO-ptx iteration {name}, {_precision(c)}, batch {c['batch']}, prompt {c['prompt_length']}, "
             f"{c['max_new_tokens']} new tokens{extra}")

@@ -57,8 +57,9 @@ def _gpus_reason(n: int):
 
 def skip_reason(item) -> str | None:
     """Why ``item`` cannot run here (None: it can). Checks in order: CUDA, GPU count, TE, FP8."""
-    keywords = item.keywords
-    if not any(k in keywords for k in ("gpu", "needs_te", "needs_fp8", "needs_gpus")):
+    # markers, not item.keywords: keywords also hold the names of parent nodes (this folder is "gpu")
+    marks = {m.name for m in item.iter_markers()}
+    if not marks & {"gpu", "needs_te", "needs_fp8", "needs_gpus"}:
         return None
     reason = _cuda_reason()
     if reason:
@@ -68,11 +69,11 @@ def skip_reason(item) -> str | None:
         reason = _gpus_reason(int(gpus.args[0]))
         if reason:
             return reason
-    if "needs_te" in keywords or "needs_fp8" in keywords:
+    if "needs_te" in marks or "needs_fp8" in marks:
         reason = _te_reason()
         if reason:
             return reason
-    if "needs_fp8" in keywords:
+    if "needs_fp8" in marks:
         return _fp8_reason()
     return None
 
