@@ -161,9 +161,12 @@ SFT=("$PY" bench/sft_throughput.py --seq-length "$SEQ" --micro-batch-size "$MBS"
 
 # ----------------------------------------------------------------------------- 2. tests
 if [ "$TESTS" = 1 ]; then
+  # one hung test (an NCCL wait) must not take the others with it: pytest-timeout where installed
+  per_test=""
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=180"
   # shellcheck disable=SC2086
   step "pytest -m gpu" "$TEST_CAP" 60 bash -o pipefail -c \
-      '"$0" -m pytest -m gpu -v -rA -p no:cacheprovider '"${PYTEST_ARGS:-}"' 2>&1 | tee "$1"' "$PY" "$OUTDIR/pytest.log"
+      '"$0" -m pytest -m gpu -v -rA -p no:cacheprovider '"$per_test ${PYTEST_ARGS:-}"' 2>&1 | tee "$1"' "$PY" "$OUTDIR/pytest.log"
 else
   skip "pytest -m gpu" "--no-tests"
 fi
