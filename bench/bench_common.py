@@ -286,6 +286,9 @@ def child_main(argv: list, parts: dict) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result = parts[part](spec)
     Path(out_path).write_text(json.dumps(result))
+    from megatron_rlhf.parallel import destroy_distributed
+
+    destroy_distributed()  # a clean teardown: a crash at exit must not lose a finished measurement
     return 0
 
 

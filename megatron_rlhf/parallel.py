@@ -104,6 +104,11 @@ def check_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) 
         )
     if parallel.sequence_parallel and not torch.cuda.is_available():
         raise ConfigError("parallel.sequence_parallel needs GPUs with Transformer Engine; set it to false on CPU")
+    if parallel.sequence_parallel and tp == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1 (it splits the sequence "
+            "across the tensor-parallel ranks); set it to false at TP=1"
+        )
     if parallel.use_distributed_optimizer and not torch.cuda.is_available():
         raise ConfigError("parallel.use_distributed_optimizer needs GPUs; set it to false on CPU")
     return world_size // (tp * pp)

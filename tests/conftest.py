@@ -14,12 +14,6 @@ warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (run on a GPU machine with `pytest -m gpu`)")
-    config.addinivalue_line("markers", "slurm: starts a local Slurm cluster (needs root and Debian's slurm packages)")
-    config.addinivalue_line("markers", "slow: end-to-end runs of the tiny pipeline (a minute or more)")
-
-
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -27,5 +21,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

@@ -223,6 +223,14 @@ def load_weights(network, ckpt: Path, name: str = "model", skip_output_layer: bo
         raise CheckpointError(f"{ckpt / name} lacks weights {missing[:5]}{'...' if len(missing) > 5 else ''}; was it saved from another architecture?")
 
 
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """A fresh DistributedOptimizer over torch's Adam (no TE/Apex) has no state to describe
+    yet, and its sharded_state_dict asserts on that; Megatron's own helper creates it."""
+    for part in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if hasattr(part, "_init_optimizer_states_with_dummy_values") and not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
 def _has_stepped(optimizer) -> bool:
     """Whether a Megatron optimizer (chained or not) holds any per-parameter state yet."""
     parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
@@ -246,6 +254,7 @@ def load_checkpoint(ckpt: Path, networks: dict, optimizers: Optional[dict] = Non
         if name in meta.get("unstepped_optimizers", []):
             optimizer = None  # saved before its first step: nothing to restore
         if optimizer is not None:
+            _materialize_distributed_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
         loaded = dist_checkpointing.load(sharded, str(ckpt / name))
         model.load_state_dict(loaded["model"])

@@ -18,6 +18,8 @@ gradient norm, so every step is clipped). Checked:
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from dist_utils import run_single
@@ -34,8 +36,8 @@ def _train(precision: str) -> dict:
     from megatron_rlhf.data.sft import SftBatch
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed, seed_everything
-    from megatron_rlhf.stages.sft import sft_forward
-    from megatron_rlhf.training.trainer import train_step, wrap_for_training
+    from megatron_rlhf.recipes.sft import forward_step
+    from megatron_rlhf.training.step import train_step, wrap_for_training
 
     model_cfg = ModelConfig(flavour="llama", num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                             seq_length=SEQ, precision=precision)
@@ -60,7 +62,7 @@ def _train(precision: str) -> dict:
                master_dtypes=sorted({str(mp.dtype) for o in parts for group in getattr(o, "fp32_from_float16_groups", []) for mp in group}),
                losses=[], norms=[], clipped_norms=[], skipped=0, weights_are_rounded_masters=[])
     for _ in range(STEPS):
-        metrics = train_step(ddp, optimizer, scheduler, batches, sft_forward, ["loss"], SEQ, MBS)
+        metrics = train_step(ddp, optimizer, scheduler, batches, partial(forward_step, vocab_size=VOCAB))
         out["losses"].append(metrics["loss"])
         out["norms"].append(metrics["grad_norm"])
         out["skipped"] += int(metrics["skipped"])

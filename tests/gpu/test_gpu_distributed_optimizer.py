@@ -15,6 +15,8 @@ and resumes.
 
 from __future__ import annotations
 
+from functools import partial
+
 import shutil
 
 import pytest
@@ -33,7 +35,7 @@ def _setup():
     from megatron_rlhf.config import ModelConfig, ParallelConfig, TrainConfig
     from megatron_rlhf.data.sft import SftBatch
     from megatron_rlhf.models.builder import build_model
-    from megatron_rlhf.training.trainer import wrap_for_training
+    from megatron_rlhf.training.step import wrap_for_training
 
     model_cfg = ModelConfig(flavour="llama", num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                             seq_length=SEQ, precision="bf16")
@@ -74,9 +76,9 @@ def _save_and_load(ckpt_dir: str) -> dict:
     import torch
 
     from megatron_rlhf.parallel import init_distributed, seed_everything
-    from megatron_rlhf.stages.sft import sft_forward
-    from megatron_rlhf.training import checkpoint as ckpt_lib
-    from megatron_rlhf.training.trainer import train_step
+    from megatron_rlhf.recipes.sft import forward_step
+    from megatron_rlhf import checkpoint as ckpt_lib
+    from megatron_rlhf.training.step import train_step
 
     model_cfg, parallel, build, batches = _setup()
     init_distributed(parallel, model_cfg)
@@ -84,16 +86,16 @@ def _save_and_load(ckpt_dir: str) -> dict:
     ddp, optimizer, scheduler = build()
     kinds = [type(p).__name__ for p in getattr(optimizer, "chained_optimizers", None) or [optimizer]]
     for _ in range(3):
-        train_step(ddp, optimizer, scheduler, batches, sft_forward, ["loss"], SEQ, MBS)
+        train_step(ddp, optimizer, scheduler, batches, partial(forward_step, vocab_size=VOCAB))
     saved = ckpt_lib.save_checkpoint(ckpt_dir, 3, {"model": ddp}, {"kind": "policy"}, {"model": optimizer}, {})
     before = _optimizer_tensors(optimizer)
-    next_loss = train_step(ddp, optimizer, scheduler, batches, sft_forward, ["loss"], SEQ, MBS)["loss"]
+    next_loss = train_step(ddp, optimizer, scheduler, batches, partial(forward_step, vocab_size=VOCAB))["loss"]
 
     ddp2, optimizer2, scheduler2 = build()
     fresh = _optimizer_tensors(optimizer2)
     ckpt_lib.load_checkpoint(saved, {"model": ddp2}, {"model": optimizer2})
     after = _optimizer_tensors(optimizer2)
-    resumed_loss = train_step(ddp2, optimizer2, scheduler2, batches, sft_forward, ["loss"], SEQ, MBS)["loss"]
+    resumed_loss = train_step(ddp2, optimizer2, scheduler2, batches, partial(forward_step, vocab_size=VOCAB))["loss"]
     return dict(
         kinds=kinds, count=len(before), count_after=len(after), fresh_count=len(fresh),
         equal=[torch.equal(a, b) for a, b in zip(before, after)],

@@ -69,7 +69,7 @@ def _compare(tmp_dir: str) -> dict:
     from megatron_rlhf.config import ModelConfig, ParallelConfig
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed, seed_everything
-    from megatron_rlhf.training.checkpoint import load_weights
+    from megatron_rlhf.checkpoint import load_weights
 
     parallel = ParallelConfig()
     results = {}
