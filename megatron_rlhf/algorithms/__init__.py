@@ -1,5 +1,5 @@
 """Pure-torch maths of the InstructGPT pipeline: SFT NLL, ranking loss (eq. 1), KL-shaped rewards,
-GAE, whitening, and PPO-ptx (eq. 2). No Megatron, no torch.distributed: shard-aware means take
+GAE, whitening, and PPO-ptx (eq. 2); beyond it, DPO on K-way rankings. No Megatron, no torch.distributed: shard-aware means take
 their global denominators as arguments.
 
 Mask convention: every ``*_mask`` is True/1 where a token COUNTS.
@@ -15,6 +15,7 @@ from .advantages import (
     whiten,
     whiten_with_moments,
 )
+from .dpo import DPO_LOSSES, dpo_loss, implicit_rewards, plackett_luce_loss, response_logprob_sums
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_per_token
 from .ppo import (
     entropy_bonus,
@@ -29,26 +30,31 @@ from .ranking import RankingPairs, build_ranking_pairs, ranking_loss, ranking_to
 from .sft import mask_denominator, masked_token_mean, sft_loss, token_logprobs_from_logits
 
 __all__ = [
+    "DPO_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "KL_ESTIMATORS",
     "RankingPairs",
     "build_ranking_pairs",
+    "dpo_loss",
     "entropy_bonus",
     "entropy_from_logits",
     "gae",
+    "implicit_rewards",
     "kl_per_token",
     "last_token_index",
     "mask_denominator",
     "masked_moments",
     "masked_token_mean",
     "moments_to_mean_var",
+    "plackett_luce_loss",
     "policy_loss",
     "ppo_ptx_objective",
     "ptx_batch_size",
     "ptx_loss",
     "ranking_loss",
     "ranking_to_pairs",
+    "response_logprob_sums",
     "sft_loss",
     "shape_rewards",
     "token_logprobs_from_logits",
