@@ -1,5 +1,6 @@
 """Pure-torch maths of the InstructGPT pipeline: SFT NLL, ranking loss (eq. 1), KL-shaped rewards,
-GAE, whitening, and PPO-ptx (eq. 2); beyond it, DPO on K-way rankings. No Megatron, no torch.distributed: shard-aware means take
+GAE, whitening, and PPO-ptx (eq. 2); beyond it, DPO on K-way rankings and the critic-free
+GRPO/RLOO advantages with a KL loss term. No Megatron, no torch.distributed: shard-aware means take
 their global denominators as arguments.
 
 Mask convention: every ``*_mask`` is True/1 where a token COUNTS.
@@ -7,16 +8,19 @@ Ranking convention: ``ranking[i]`` is the RANK of response i, 1 = best, equal ra
 """
 
 from .advantages import (
+    expand_to_tokens,
     gae,
+    grpo_advantages,
     last_token_index,
     masked_moments,
     moments_to_mean_var,
+    rloo_advantages,
     shape_rewards,
     whiten,
     whiten_with_moments,
 )
 from .dpo import DPO_LOSSES, dpo_loss, implicit_rewards, plackett_luce_loss, response_logprob_sums
-from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_per_token
+from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_loss, kl_per_token
 from .ppo import (
     entropy_bonus,
     entropy_from_logits,
@@ -39,8 +43,11 @@ __all__ = [
     "dpo_loss",
     "entropy_bonus",
     "entropy_from_logits",
+    "expand_to_tokens",
     "gae",
+    "grpo_advantages",
     "implicit_rewards",
+    "kl_loss",
     "kl_per_token",
     "last_token_index",
     "mask_denominator",
@@ -55,6 +62,7 @@ __all__ = [
     "ranking_loss",
     "ranking_to_pairs",
     "response_logprob_sums",
+    "rloo_advantages",
     "sft_loss",
     "shape_rewards",
     "token_logprobs_from_logits",
