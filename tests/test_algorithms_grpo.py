@@ -79,3 +79,22 @@ def test_kl_loss_golden_and_gradient():
     torch.testing.assert_close(kl_per_token(logprobs, ref, "k3")[mask].detach(), torch.tensor(k3, dtype=F64), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="k1's gradient is zero in expectation"):
         kl_loss(logprobs, ref, mask, estimator="k1")
+
+
+def test_config_checks_of_the_critic_free_estimators():
+    from megatron_rlhf.config import ConfigError, load_config
+
+    for estimator in ("grpo", "rloo"):
+        with pytest.raises(ConfigError, match=rf"ppo.advantage_estimator={estimator} .* ppo.samples_per_prompt=1; set ppo.samples_per_prompt to 2"):
+            load_config(None, [f"ppo.advantage_estimator={estimator}"], stage="ppo")
+        cfg = load_config(None, [f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=4"], stage="ppo")
+        assert cfg.ppo.samples_per_prompt == 4
+    with pytest.raises(ConfigError, match=r"did you mean 'grpo'"):
+        load_config(None, ["ppo.advantage_estimator=gpro"], stage="ppo")
+    with pytest.raises(ConfigError, match=r"unknown config key 'ppo.num_generations'; did you mean 'ppo.samples_per_prompt'"):
+        load_config(None, ["ppo.num_generations=8"], stage="ppo")
+    with pytest.raises(ConfigError, match=r"ppo.kl_in_reward=false .* set ppo.kl_estimator=k3"):
+        load_config(None, ["ppo.kl_in_reward=false"], stage="ppo")
+    assert load_config(None, ["ppo.kl_in_reward=false", "ppo.kl_estimator=k3"], stage="ppo").ppo.kl_in_reward is False
+    with pytest.raises(ConfigError, match=r"ppo.reward_fn='reward.py' must be 'path/to/file.py:function_name'"):
+        load_config(None, ["ppo.reward_fn=reward.py"], stage="ppo")
