@@ -221,6 +221,11 @@ class PPOConfig:
                 f"but ppo.samples_per_prompt={self.samples_per_prompt}; set ppo.samples_per_prompt to 2 or more "
                 "(GRPO uses 4-64), or ppo.advantage_estimator=gae"
             )
+        if self.advantage_estimator != "gae" and self.critic_warmup_steps:
+            raise ConfigError(
+                f"ppo.critic_warmup_steps={self.critic_warmup_steps} warms up a critic, but "
+                f"ppo.advantage_estimator={self.advantage_estimator} has none; set ppo.critic_warmup_steps=0"
+            )
         if not self.kl_in_reward and self.kl_estimator == "k1":
             raise ConfigError(
                 "ppo.kl_in_reward=false makes the KL a loss term, where the k1 estimator's gradient is zero in "

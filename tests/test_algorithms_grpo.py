@@ -89,6 +89,8 @@ def test_config_checks_of_the_critic_free_estimators():
             load_config(None, [f"ppo.advantage_estimator={estimator}"], stage="ppo")
         cfg = load_config(None, [f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=4"], stage="ppo")
         assert cfg.ppo.samples_per_prompt == 4
+    with pytest.raises(ConfigError, match=r"ppo.advantage_estimator=rloo has none; set ppo.critic_warmup_steps=0"):
+        load_config(None, ["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=2", "ppo.critic_warmup_steps=5"], stage="ppo")
     with pytest.raises(ConfigError, match=r"did you mean 'grpo'"):
         load_config(None, ["ppo.advantage_estimator=gpro"], stage="ppo")
     with pytest.raises(ConfigError, match=r"unknown config key 'ppo.num_generations'; did you mean 'ppo.samples_per_prompt'"):
