@@ -33,7 +33,8 @@ EXIT_DIVERGED = 3
 RECIPES = {
     "sft": ("megatron_rlhf.recipes.sft", "recipe 1: supervised fine-tuning on demonstrations"),
     "rm": ("megatron_rlhf.recipes.rm", "recipe 2: reward model on K-way rankings"),
-    "ppo": ("megatron_rlhf.recipes.ppo", "recipe 3: PPO-ptx against the reward model"),
+    "ppo": ("megatron_rlhf.recipes.ppo", "recipe 3: PPO-ptx against the reward model (GRPO/RLOO with ppo.advantage_estimator)"),
+    "dpo": ("megatron_rlhf.recipes.dpo", "DPO on K-way rankings against a frozen reference"),
 }
 COMMANDS = {
     "generate": ("megatron_rlhf.commands.generate", "sample responses from a policy checkpoint"),

@@ -206,9 +206,46 @@ class PPOConfig:
     # actor through the advantages (NeMo-Aligner's critic_warmup_steps). 0 = the paper.
     critic_warmup_steps: int = 0
     offload_frozen: bool = False  # move reference and RM to CPU memory outside the scoring phase
+    # Critic-free RL. gae: PPO's critic (InstructGPT). grpo: group-normalised rewards of the
+    # samples_per_prompt responses to a prompt (Shao et al. 2024); rloo: leave-one-out baseline
+    # (Ahmadian et al. 2024). Neither builds, trains or saves a critic.
+    advantage_estimator: str = "gae"  # gae | grpo | rloo
+    samples_per_prompt: int = 1  # responses sampled per prompt in a rollout (>= 2 for grpo/rloo)
+    grpo_scale_by_std: bool = True  # grpo: divide by the group's std (false: Dr. GRPO, centring only)
+    # Where the KL to the reference goes: true, -kl_coef x KL in the reward (InstructGPT eq. 2);
+    # false, +kl_coef x KL as a loss term of the policy update (GRPO; needs kl_estimator k3 or k2).
+    kl_in_reward: bool = True
+    # A rule-based reward "path/to/file.py:function", called as function(prompt, response, record)
+    # -> float with the prompt's JSONL line as record; instead of, or added to, ppo.reward_model.
+    reward_fn: str = ""
 
     def validate(self) -> None:
         _one_of("ppo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _one_of("ppo.advantage_estimator", self.advantage_estimator, ("gae", "grpo", "rloo"))
+        _positive("ppo.samples_per_prompt", self.samples_per_prompt)
+        if self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"ppo.advantage_estimator={self.advantage_estimator} compares the responses to the same prompt, "
+                f"but ppo.samples_per_prompt={self.samples_per_prompt}; set ppo.samples_per_prompt to 2 or more "
+                "(GRPO uses 4-64), or ppo.advantage_estimator=gae"
+            )
+        if self.advantage_estimator != "gae" and self.critic_warmup_steps:
+            raise ConfigError(
+                f"ppo.critic_warmup_steps={self.critic_warmup_steps} warms up a critic, but "
+                f"ppo.advantage_estimator={self.advantage_estimator} has none; set ppo.critic_warmup_steps=0"
+            )
+        if not self.kl_in_reward and self.kl_estimator == "k1":
+            raise ConfigError(
+                "ppo.kl_in_reward=false makes the KL a loss term, where the k1 estimator's gradient is zero in "
+                "expectation; set ppo.kl_estimator=k3 (GRPO's choice) or k2, or ppo.kl_in_reward=true"
+            )
+        if self.reward_fn:
+            path, sep, name = self.reward_fn.rpartition(":")
+            if not sep or not path or not name.isidentifier():
+                raise ConfigError(
+                    f"ppo.reward_fn={self.reward_fn!r} must be 'path/to/file.py:function_name', "
+                    "e.g. examples/tiny/reward_fn.py:reward"
+                )
         _positive("ppo.mini_batch_size", self.mini_batch_size)
         _positive("ppo.ppo_epochs", self.ppo_epochs)
         _positive("ppo.max_new_tokens", self.max_new_tokens)
@@ -221,6 +258,21 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """DPO (Rafailov et al., 2023) on the RM's comparison data, against a frozen copy of the SFT policy."""
+
+    beta: float = 0.1  # the implicit reward's scale: beta * log(pi / pi_ref)
+    # pairwise: every untied pair of a K-way ranking, each prompt's pairs averaged (InstructGPT's
+    # weighting); plackett_luce: the likelihood of the whole ranking (DPO appendix A.3)
+    loss: str = "pairwise"
+
+    def validate(self) -> None:
+        _one_of("dpo.loss", self.loss, ("pairwise", "plackett_luce"))
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be > 0 (the DPO paper uses 0.1; a larger beta keeps the policy closer to the reference)")
+
+
+@dataclass(frozen=True)
 class Config:
     stage: str = "sft"
     output_dir: str = "runs/default"
@@ -230,9 +282,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def validate(self) -> None:
-        _one_of("stage", self.stage, ("sft", "rm", "ppo"))
+        _one_of("stage", self.stage, ("sft", "rm", "ppo", "dpo"))
         for f in fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
@@ -338,6 +391,8 @@ _ALIASES = {
     "pipeline_parallel_size": "pipeline_model_parallel_size", "max_seq_len": "seq_length",
     "max_position_embeddings": "seq_length", "num_heads": "num_attention_heads", "n_layer": "num_layers",
     "dropout": "hidden_dropout", "beta": "kl_coef", "init_kl_coef": "kl_coef", "ptx_loss_coef": "ptx_coef",
+    "loss_type": "loss", "num_generations": "samples_per_prompt", "n_samples_per_prompt": "samples_per_prompt",
+    "rollout_n": "samples_per_prompt", "adv_estimator": "advantage_estimator",
 }
 
 

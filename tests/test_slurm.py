@@ -56,6 +56,7 @@ def test_examples_found():
 def test_every_example_config_loads(path):
     cfg = load_config(str(ROOT / path))
     stage = Path(path).stem.split("_")[0]
+    stage = {"grpo": "ppo", "rloo": "ppo"}.get(stage, stage)  # the critic-free RL examples run the RL stage
     assert cfg.stage == stage, f"{path}: stage {cfg.stage!r}, file name says {stage!r}"
     load_config(str(ROOT / path), stage=stage)  # also as the CLI loads it
 
@@ -84,16 +85,24 @@ def test_175b_configs_are_gpt3_175b_with_fp8_dist_opt_recompute():
             for st in ("sft", "rm", "ppo")] == [True, True, False]
 
 
-@pytest.mark.parametrize("path", EXAMPLES)
+# stages/ppo.py does not take ppo.reward_fn (or GRPO/RLOO) yet: issue 16, the RL recipe on the new loop.
+# strict: once it does, this marker fails and must go.
+_NOT_YET = {"examples/tiny/grpo.yaml": pytest.mark.xfail(strict=True, reason="the RL stage does not take ppo.reward_fn yet (issue 16)")}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=_NOT_YET[p]) if p in _NOT_YET else p for p in EXAMPLES])
 def test_every_example_config_passes_its_stages_own_checks(path):
     """The checks a stage makes on the config before it builds anything (the same functions
     its run() calls first): an example they refuse would fail on a cluster only once the
     allocation has started."""
+    import yaml
+
+    from megatron_rlhf.recipes.dpo import check_dpo_config
     from megatron_rlhf.recipes.ppo import check_ppo_config
     from megatron_rlhf.recipes.rm import check_rm_config
 
-    checks = {"sft": lambda cfg: None, "rm": check_rm_config, "ppo": check_ppo_config}  # sft: load_config's validation
-    stage = Path(path).stem.split("_")[0]
+    checks = {"sft": lambda cfg: None, "rm": check_rm_config, "ppo": check_ppo_config, "dpo": check_dpo_config}  # sft: load_config's validation
+    stage = yaml.safe_load((ROOT / path).read_text())["stage"]
     checks[stage](load_config(str(ROOT / path), stage=stage))
 
 

@@ -1,8 +1,10 @@
-"""Per-token rewards (InstructGPT eq. 2), GAE (Schulman et al. 2016) and masked whitening.
+"""Per-token rewards (InstructGPT eq. 2), GAE (Schulman et al. 2016), the critic-free group
+baselines GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024), and masked whitening.
 
 Shapes: ``[batch, seq]`` tensors aligned so that position t holds the quantities of the t-th
 generated token; ``response_mask`` is True on the tokens that count (the response), False on
-prompt and padding.
+prompt and padding. The group estimators work on ``[batch]`` sequence rewards whose rows are
+grouped by prompt: rows ``[g * group_size, (g + 1) * group_size)`` are the samples of prompt g.
 """
 
 from __future__ import annotations
@@ -189,3 +191,72 @@ def whiten(
         moments = masked_moments(values, mask)
     mean, var = moments_to_mean_var(*moments, unbiased=unbiased)
     return whiten_with_moments(values, mask, mean, var, shift_mean=shift_mean, eps=eps)
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``rewards`` ``[batch]`` as ``[batch / group_size, group_size]`` in float64, checked."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [batch] (one reward per sample), got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: a group baseline needs at least 2 samples per prompt")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} (samples per prompt)")
+    return rewards.detach().to(torch.float64).view(-1, group_size)
+
+
+def _zero_equal_groups(advantages: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Exactly 0 for a group whose rewards are all equal: its mean may differ from the value by
+    an ulp, which the std division would blow up into a spurious +-1 pattern."""
+    equal = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
+    return torch.where(equal, torch.zeros_like(advantages), advantages)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's group-normalised advantage (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision).
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)      (scale_by_std=True)
+        A_i =  r_i - mean(r_group)                              (scale_by_std=False; Dr. GRPO,
+                                                                 Liu et al. 2025: no difficulty bias)
+
+    ``std`` is Bessel-corrected (n - 1), as ``torch.std``. A group whose rewards are all equal
+    gets advantage exactly 0 (it has nothing to compare). The same advantage applies to every
+    token of sample i (``expand_to_tokens``).
+
+    Args:
+        rewards: ``[batch]`` sequence rewards, grouped by prompt (see module docstring).
+        group_size: samples per prompt (>= 2).
+        scale_by_std: divide by the group's standard deviation.
+        eps: added to the std.
+
+    Returns:
+        ``[batch]`` advantages, detached, in the dtype of ``rewards``.
+    """
+    groups = _groups(rewards, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return _zero_equal_groups(centred, groups).reshape(-1).to(rewards.dtype)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024, eq. 6).
+
+        A_i = r_i - 1/(k-1) * sum_{j != i} r_j  =  k/(k-1) * (r_i - mean(r_group))
+
+    with k = ``group_size``: each sample's baseline is the mean reward of the OTHER samples of
+    its prompt, so it is unbiased. Equal rewards in a group give advantage 0.
+
+    Returns:
+        ``[batch]`` advantages, detached, in the dtype of ``rewards``.
+    """
+    groups = _groups(rewards, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return _zero_equal_groups(groups - baseline, groups).reshape(-1).to(rewards.dtype)
+
+
+def expand_to_tokens(sequence_values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` per-sample values (a group advantage) on every response token: ``[batch, seq]``,
+    zero outside ``response_mask``."""
+    if sequence_values.dim() != 1 or sequence_values.shape[0] != response_mask.shape[0]:
+        raise ValueError(f"sequence_values must be [batch]={response_mask.shape[0]}, got shape {tuple(sequence_values.shape)}")
+    return sequence_values[:, None] * response_mask.to(sequence_values.dtype)

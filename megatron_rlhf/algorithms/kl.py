@@ -17,6 +17,8 @@ from typing import Any, Dict
 
 import torch
 
+from .sft import masked_token_mean
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -40,6 +42,37 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
         return 0.5 * log_ratio.square()
     # k3 written as (r - 1) - log r with r = pi_ref/pi, which is >= 0 for every sample
     return torch.expm1(-log_ratio) + log_ratio
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    estimator: str = "k3",
+    num_tokens=None,
+):
+    """KL(pi || pi_ref) as a LOSS term (GRPO, Shao et al. 2024 eq. 3-4) instead of a reward penalty.
+
+        loss = sum_t mask_t * KL_t / N,     KL_t = k3 = ref/pi - log(ref/pi) - 1 by default
+
+    ``logprobs`` carry the gradient (the policy being updated) and ``ref_logprobs`` are
+    constants. On samples from the current policy the gradient of the k3 (or k2) loss is a
+    KL-decreasing direction; k1's gradient is zero in expectation, so it is refused here.
+
+    Args:
+        logprobs, ref_logprobs, response_mask: ``[batch, seq]``.
+        estimator: ``"k3"`` (GRPO) or ``"k2"``.
+        num_tokens: denominator N; default the local mask sum. Under data parallelism pass the
+            GLOBAL token count (1 gives the sum), as ``sft.masked_token_mean``.
+
+    Returns:
+        ``(loss, metrics)``; metrics hold the detached ``kl_loss`` (= loss).
+    """
+    if estimator not in ("k2", "k3"):
+        raise ValueError(f"kl_loss needs the k2 or k3 estimator (k1's gradient is zero in expectation), got {estimator!r}")
+    kl = kl_per_token(logprobs, ref_logprobs.detach(), estimator)
+    loss = masked_token_mean(kl, response_mask, num_tokens)
+    return loss, {"kl_loss": loss.detach()}
 
 
 class FixedKLController:

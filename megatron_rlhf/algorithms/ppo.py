@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .kl import kl_per_token
+from .kl import kl_loss, kl_per_token
 from .sft import AS_SUM, LossReport, TokenCount, masked_token_mean, sft_loss
 
 Metrics = Dict[str, torch.Tensor]
@@ -186,21 +186,31 @@ def actor_report(
     action_mask: torch.Tensor,
     clip_eps: float,
     entropy_coef: float,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
 ) -> LossReport:
     """An episode micro-batch of the actor step: clipped surrogate (``policy_loss``) minus the
-    entropy bonus (``entropy_bonus``), as sums over its response tokens, counted in tokens.
-    ``entropy`` may be detached when ``entropy_coef`` is 0 (it is then only a metric)."""
+    entropy bonus (``entropy_bonus``), plus ``kl_coef`` x the KL to the reference as a loss term
+    (``kl.kl_loss``; GRPO's form, when ``ref_logprobs`` is given), as sums over its response
+    tokens, counted in tokens. ``entropy`` may be detached when ``entropy_coef`` is 0 (it is
+    then only a metric)."""
     loss_sum, m = policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_eps, num_tokens=AS_SUM)
     bonus, em = entropy_bonus(entropy, action_mask, entropy_coef, num_tokens=AS_SUM)
     if entropy_coef:
         loss_sum = loss_sum + bonus
     n = action_mask.sum()
-    return loss_sum, n, {
+    metrics = {
         "policy_loss": (m["policy_loss"], n),
         "clipfrac": (m["clipfrac"], n),
         "approx_kl": (m["approx_kl"], n),
         "entropy": (em["entropy"], n),
     }
+    if ref_logprobs is not None:
+        kl_sum, km = kl_loss(logprobs, ref_logprobs, action_mask, kl_estimator, num_tokens=AS_SUM)
+        loss_sum = loss_sum + kl_coef * kl_sum
+        metrics["kl_loss"] = (km["kl_loss"], n)
+    return loss_sum, n, metrics
 
 
 def ptx_report(token_logprobs: torch.Tensor, loss_mask: torch.Tensor, ptx_coef: float, episode_tokens: float, ptx_tokens: float) -> LossReport:

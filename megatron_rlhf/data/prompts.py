@@ -19,7 +19,7 @@ memory: fine for examples and tests; use Megatron's indexed datasets at scale.)
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, NamedTuple
 
 from ..config import ConfigError
 from .jsonl import data_error, read_jsonl
@@ -40,6 +40,21 @@ def prompt_budget(seq_length: int, max_new_tokens: int) -> int:
     return budget
 
 
+class PromptRecord(NamedTuple):
+    """One prompt with where it came from: a rule-based reward gets ``record`` (the whole JSONL
+    line, so a reference answer can ride along) and its errors name ``path:line``."""
+
+    ids: List[int]  # [bos] + prompt tokens
+    text: str  # record["prompt"]
+    record: dict  # the JSONL line as read
+    path: str
+    line: int  # 1-based
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
 def load_prompts(path, tokenizer, max_prompt_len: int) -> List[List[int]]:
     """Read and tokenise a prompts file -> one ``[bos] + prompt`` id list per line.
 
@@ -47,6 +62,11 @@ def load_prompts(path, tokenizer, max_prompt_len: int) -> List[List[int]]:
         DataError naming ``path:line`` for a prompt longer than ``max_prompt_len`` tokens,
         plus every ``read_jsonl`` error (missing file, empty file, bad JSON, ...).
     """
+    return [prompt.ids for prompt in load_prompt_records(path, tokenizer, max_prompt_len)]
+
+
+def load_prompt_records(path, tokenizer, max_prompt_len: int) -> List[PromptRecord]:
+    """``load_prompts`` keeping each prompt's text, JSONL record and line (same checks, same order)."""
     prompts = []
     for line, record in read_jsonl(path, {"prompt": str}, PROMPT_FIX):
         ids = [tokenizer.bos_id, *tokenizer.encode(record["prompt"])]
@@ -57,7 +77,7 @@ def load_prompts(path, tokenizer, max_prompt_len: int) -> List[List[int]]:
                 "(model.seq_length - ppo.max_new_tokens)",
                 "raise model.seq_length, lower ppo.max_new_tokens, or shorten/remove this prompt",
             )
-        prompts.append(ids)
+        prompts.append(PromptRecord(ids, record["prompt"], record, str(path), line))
     return prompts
 
 
