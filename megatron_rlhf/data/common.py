@@ -48,6 +48,11 @@ class LoadStats:
         return text
 
 
+def bos_prefix(tokenizer) -> List[int]:
+    """``[bos_id]``, or ``[]`` for a tokenizer whose sequences start without one (``bos_id`` None)."""
+    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
 def check_policy(truncation: str) -> None:
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"data.truncation={truncation!r} is not one of {', '.join(TRUNCATION_POLICIES)}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import List
 
 from ..config import ConfigError
+from .common import bos_prefix
 from .jsonl import data_error, read_jsonl
 from .sft import SftExample
 
@@ -49,7 +50,7 @@ def load_prompts(path, tokenizer, max_prompt_len: int) -> List[List[int]]:
     """
     prompts = []
     for line, record in read_jsonl(path, {"prompt": str}, PROMPT_FIX):
-        ids = [tokenizer.bos_id, *tokenizer.encode(record["prompt"])]
+        ids = [*bos_prefix(tokenizer), *tokenizer.encode(record["prompt"])]
         if len(ids) > max_prompt_len:
             raise data_error(
                 path, line,
@@ -71,7 +72,7 @@ def load_pretrain(path, tokenizer, seq_length: int) -> List[SftExample]:
         raise ValueError(f"seq_length={seq_length} must be >= 1")
     stream: List[int] = []
     for _, record in read_jsonl(path, {"text": str}, TEXT_FIX):
-        stream += [tokenizer.bos_id, *tokenizer.encode(record["text"]), tokenizer.eos_id]
+        stream += [*bos_prefix(tokenizer), *tokenizer.encode(record["text"]), tokenizer.eos_id]
     chunks = []
     # chunk c covers stream[c*seq_length : c*seq_length + seq_length + 1]; consecutive
     # chunks overlap by one token so no target is lost at a chunk boundary

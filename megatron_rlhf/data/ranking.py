@@ -28,7 +28,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .common import LoadStats, check_policy, pad_sequences, prompt_keep
+from .common import LoadStats, bos_prefix, check_policy, pad_sequences, prompt_keep
 from .jsonl import DataError, check_fields, data_error, read_jsonl
 
 MIN_K, MAX_K = 2, 9
@@ -153,20 +153,23 @@ def parse_comparison(record: dict, path, line: int) -> Tuple[str, List[str], Lis
     return record["prompt"], list(responses), list(values)
 
 
-def fit_comparison(prompt_len: int, longest: int, seq_length: int, truncation: str) -> Tuple[str, int]:
+def fit_comparison(prompt_len: int, longest: int, seq_length: int, truncation: str, bos: int = 1) -> Tuple[str, int]:
     """How one comparison fits ``seq_length`` -> ``(outcome, prompt tokens kept)``.
 
     ``longest`` is the longest response in tokens, eos included; the sequence is
     ``[bos] + prompt + response``. ``outcome`` is "fits", "truncated" (``prompt_left`` cut
     the oldest prompt tokens), "dropped", or "error" (too long under ``truncation=error``).
+    ``bos``: 1, or 0 for a tokenizer that starts sequences without one.
     Shared by ``load_comparisons`` and ``data-stats`` so their counts agree.
     """
-    if 1 + prompt_len + longest <= seq_length:
+    if bos + prompt_len + longest <= seq_length:
         return "fits", prompt_len
     if truncation == "error":
         return "error", prompt_len
     keep = prompt_keep(prompt_len, longest - 1, seq_length)
-    if truncation == "drop" or 1 + keep + longest > seq_length:
+    if not bos:
+        keep = max(keep, min(1, prompt_len))
+    if truncation == "drop" or bos + keep + longest > seq_length:
         return "dropped", 0
     return "truncated", keep
 
@@ -181,17 +184,17 @@ def load_comparisons(
     check_policy(truncation)
     stats = LoadStats()
     examples = []
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    bos, eos = bos_prefix(tokenizer), tokenizer.eos_id
     for line, record in read_jsonl(path, None, RM_FIX):
         stats.records += 1
         prompt_text, response_texts, ranks = parse_comparison(record, path, line)
         prompt = tokenizer.encode(prompt_text)
         responses = [tokenizer.encode(r) + [eos] for r in response_texts]
         longest = max(len(r) for r in responses)  # eos included
-        outcome, keep = fit_comparison(len(prompt), longest, seq_length, truncation)
+        outcome, keep = fit_comparison(len(prompt), longest, seq_length, truncation, len(bos))
         if outcome == "error":
             raise data_error(
-                path, line, f"comparison too long: {1 + len(prompt) + longest} tokens > model.seq_length={seq_length}",
+                path, line, f"comparison too long: {len(bos) + len(prompt) + longest} tokens > model.seq_length={seq_length}",
                 "raise model.seq_length, shorten the example, or set data.truncation=prompt_left (or drop)",
             )
         if outcome == "dropped":
@@ -203,7 +206,7 @@ def load_comparisons(
             stats.truncated += 1
             stats.note(f"{path}:{line}")
         stats.kept += 1
-        examples.append(ComparisonExample([bos, *prompt], responses, ranks))
+        examples.append(ComparisonExample([*bos, *prompt], responses, ranks))
     if not examples:
         raise data_error(path, None, f"every comparison was dropped ({stats})", "raise model.seq_length")
     return examples, stats

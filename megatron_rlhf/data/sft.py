@@ -1,7 +1,9 @@
 """SFT demonstrations: ``{"prompt": str, "response": str}`` per line -> padded batches.
 
 A demonstration becomes ``[bos] + prompt + response + [eos]`` (prompt and response are
-tokenised separately, see ``tokenizer``). The model reads the sequence minus its last
+tokenised separately, see ``tokenizer``; no bos for a tokenizer that adds none). A chat
+line ``{"messages": [...]}`` is rendered by the tokenizer's chat template instead
+(:mod:`.chat`): every assistant turn is a target, everything else is context. The model reads the sequence minus its last
 token and predicts the next token everywhere; ``loss_mask`` is True exactly where that
 TARGET is a response token or the eos, so the prompt and the padding never count::
 
@@ -59,22 +61,27 @@ class SftBatch(NamedTuple):
 
 
 def build_sft_example(
-    prompt_ids: Sequence[int], response_ids: Sequence[int], bos_id: int, eos_id: int, limit: int, truncation: str
+    prompt_ids: Sequence[int], response_ids: Sequence[int], bos_id: Optional[int], eos_id: int, limit: int, truncation: str
 ) -> Tuple[Optional[SftExample], bool]:
     """Apply the truncation policy to one demonstration.
 
+    ``bos_id`` None: the tokenizer starts sequences with no bos (GPT-2, Qwen); the prompt
+    then keeps at least one token, so the first target is always predicted from something.
     Returns ``(example, truncated)``; ``(None, False)`` when it is dropped, and raises a
     plain ``ValueError`` (the caller adds file:line) under ``error``.
     """
-    length = len(prompt_ids) + len(response_ids) + 2
+    bos = [] if bos_id is None else [bos_id]
+    length = len(bos) + len(prompt_ids) + len(response_ids) + 1
     if length <= limit:
-        return SftExample([bos_id, *prompt_ids], [*response_ids, eos_id]), False
+        return SftExample([*bos, *prompt_ids], [*response_ids, eos_id]), False
     if truncation == "error":
         raise ValueError(f"{length} tokens, more than the {limit} that fit (model.seq_length + 1)")
     if truncation == "drop":
         return None, False
     keep = prompt_keep(len(prompt_ids), len(response_ids), limit)
-    prompt = [bos_id, *prompt_ids[len(prompt_ids) - keep :]]
+    if not bos:
+        keep = max(keep, min(1, len(prompt_ids)))
+    prompt = [*bos, *prompt_ids[len(prompt_ids) - keep :]]
     room = limit - len(prompt)
     response = [*response_ids, eos_id][:room]  # the tail, eos included, goes when cut
     if not response:
