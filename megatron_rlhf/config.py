@@ -48,8 +48,19 @@ class ModelConfig:
     transformer_impl: str = "auto"  # auto (TE on GPU when installed) | local | transformer_engine
     recompute_granularity: Optional[str] = None  # None | selective | full
     recompute_num_layers: int = 1  # with full recompute: layers per checkpointed chunk
-    tokenizer: str = ""  # SentencePiece model file
-    init_from: str = ""  # a checkpoint directory to start from (weights only)
+    tokenizer: str = ""  # SentencePiece .model, Hugging Face tokenizer.json or a folder holding either (or a checkpoint)
+    init_from: str = ""  # a checkpoint directory to start from (weights only); it fills the unset model keys
+    # Architecture details of imported open models (tools/convert_from_hf.py sets them):
+    family: str = ""  # Hugging Face family for export: "" (from flavour) | llama | mistral | qwen2 | qwen3 | gpt2
+    head_dim: Optional[int] = None  # attention head size; None: hidden_size / num_attention_heads
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    qk_layernorm: bool = False  # RMSNorm on each head's q and k before RoPE (Qwen3)
+    rope_scaling: Optional[str] = None  # None | "llama3" (Llama-3.1+ frequency-dependent RoPE scaling)
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    sliding_window: Optional[int] = None  # Mistral: the model's attention window; seq_length may not exceed it
 
     def validate(self) -> None:
         _one_of("model.flavour", self.flavour, ("gpt2", "llama"))
@@ -57,11 +68,33 @@ class ModelConfig:
         _one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
         _one_of("model.transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
         _one_of("model.recompute_granularity", self.recompute_granularity, (None, "selective", "full"))
+        _one_of("model.family", self.family, ("", "llama", "mistral", "qwen2", "qwen3", "gpt2"))
+        _one_of("model.rope_scaling", self.rope_scaling, (None, "llama3"))
+        llama_only = [k for k in ("qkv_bias", "qk_layernorm", "rope_scaling", "sliding_window") if getattr(self, k)]
+        if self.flavour != "llama" and llama_only:
+            raise ConfigError(f"model.{llama_only[0]} needs model.flavour=llama (RoPE, RMSNorm); this model is {self.flavour!r}")
+        if self.family and (self.family == "gpt2") != (self.flavour == "gpt2"):
+            raise ConfigError(f"model.family={self.family!r} does not fit model.flavour={self.flavour!r}")
+        if self.head_dim is not None:
+            _positive("model.head_dim", self.head_dim)
+        if self.rope_scaling == "llama3":
+            if self.rope_scaling_factor <= 0 or self.rope_high_freq_factor <= self.rope_low_freq_factor or self.rope_low_freq_factor <= 0:
+                raise ConfigError(
+                    f"model.rope_scaling=llama3 needs rope_scaling_factor > 0 and 0 < rope_low_freq_factor "
+                    f"({self.rope_low_freq_factor}) < rope_high_freq_factor ({self.rope_high_freq_factor})"
+                )
+            _positive("model.rope_original_max_position_embeddings", self.rope_original_max_position_embeddings)
+        if self.sliding_window is not None and self.seq_length > self.sliding_window:
+            raise ConfigError(
+                f"model.seq_length={self.seq_length} exceeds this model's sliding attention window "
+                f"model.sliding_window={self.sliding_window}: our attention is full causal, which equals the "
+                f"sliding window only up to {self.sliding_window} tokens. Set model.seq_length <= {self.sliding_window}"
+            )
         _positive("model.num_layers", self.num_layers)
         _positive("model.hidden_size", self.hidden_size)
         _positive("model.num_attention_heads", self.num_attention_heads)
         _positive("model.seq_length", self.seq_length)
-        if self.hidden_size % self.num_attention_heads:
+        if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}"
