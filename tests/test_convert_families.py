@@ -140,6 +140,14 @@ def _worker_tp1(root, hf_dirs):
             res["rm_scores"] = rm.eval()(ids, torch.arange(ids.shape[1]).expand_as(ids), None)[:, -1, 0]
         res["rm_kind"] = rm_meta["kind"]
         out[family] = res
+    from megatron_rlhf.cli import main as cli
+
+    prompts_file = Path(root) / "gen_prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    for family in FAMILIES:
+        args = ["--checkpoint", str(Path(root) / f"ours_{family}"), "--prompts", str(prompts_file), "--max-new-tokens",
+                str(GEN_TOKENS), "--temperature", "0", "--output", str(Path(root) / f"generated_{family}.jsonl"), "--no-progress"]
+        assert cli(["generate", *args]) == 0
     return out
 
 
@@ -241,6 +249,15 @@ def test_greedy_text_matches_transformers(work, ours, family):
         assert seq[0].tolist() == ours_seq
         if isinstance(tok, HFTokenizer):  # (SentencePiece renders <unk> and broken UTF-8 its own way)
             assert hf_tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True) == tok.decode(ours_seq[ids.shape[1]:])
+    # `megatron-rlhf generate --temperature 0` on the converted checkpoint: the same tokens and text
+    lines = [json.loads(line) for line in (work["root"] / f"generated_{family}.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == PROMPTS
+    for record, ours_seq in zip(lines, ours[family]["generated"]):
+        n = len(hf_tok(record["prompt"]).input_ids)
+        assert record["tokens"] == ours_seq[n:]
+        hf_text = hf_tok.decode([t for t in ours_seq[n:] if t != tok.eos_id], skip_special_tokens=True)
+        if isinstance(tok, HFTokenizer):
+            assert record["response"] == hf_text
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -262,3 +279,88 @@ def test_reward_model_in_and_out(work, ours, family):
     _assert_bitwise(hf_dir, out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rlhf_score_bias"] == 0.0
+
+
+def test_llama3_inverse_frequencies_match_transformers():
+    """Our llama3 RoPE frequencies equal transformers' bitwise for any parameters, and differ
+    from Megatron-Core's built-in scaling (fixed low/high factors 1/4, context 8192) where the
+    parameters differ from Llama-3.1's: hence the override in the builder."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_rlhf.models.builder import llama3_inv_freq
+
+    for rope in (LLAMA3_ROPE, dict(LLAMA3_ROPE, rope_theta=500000.0, factor=32.0, low_freq_factor=2.0, high_freq_factor=8.0,
+                                   original_max_position_embeddings=64)):
+        cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=4096, rope_parameters=dict(rope))
+        ref, scale = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+        ours = llama3_inv_freq(16, rope["rope_theta"], rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                               rope["original_max_position_embeddings"])
+        assert scale == 1.0 and ours.dtype == torch.float32 and torch.equal(ours, ref)
+        plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, 16, 2).float() / 16))
+        assert (ours < plain).any() and (ours == plain).any()  # both scaled and kept frequencies occur
+        builtin = RotaryEmbedding.__new__(RotaryEmbedding)._apply_scaling(plain, factor=rope["factor"])
+        assert not torch.equal(builtin, ours)
+
+
+def test_converted_metadata(work, ours):
+    meta = {f: json.loads((work["root"] / f"ours_{f}" / "iter_0000000" / "meta.json").read_text()) for f in FAMILIES}
+    llama3 = meta["llama3"]["model"]
+    assert (llama3["rope_scaling"], llama3["rope_original_max_position_embeddings"], llama3["rotary_base"]) == ("llama3", 256, 12345.5)
+    assert meta["qwen2"]["model"]["qkv_bias"] and not meta["qwen2"]["model"]["untie_embeddings_and_output_weights"]
+    assert meta["qwen2"]["vocab_size"] == 448 and Tokenizer.load(work["root"] / "ours_qwen2").num_tokens == 400
+    assert (meta["mistral"]["model"]["head_dim"], meta["mistral"]["model"]["sliding_window"]) == (32, 64)
+    assert meta["qwen3"]["model"]["qk_layernorm"] and meta["qwen3"]["model"]["head_dim"] == 32
+    assert {f: m["model"]["family"] for f, m in meta.items()} == {"llama3": "llama", "qwen2": "qwen2", "mistral": "mistral",
+                                                                  "qwen3": "qwen3", "gpt2": "gpt2"}
+
+
+def test_sliding_window_limits_the_context():
+    from megatron_rlhf.config import ConfigError, ModelConfig
+
+    ModelConfig(flavour="llama", seq_length=64, sliding_window=64).validate()
+    with pytest.raises(ConfigError, match="model.seq_length=128 exceeds .*sliding_window=64.*Set model.seq_length <= 64"):
+        ModelConfig(flavour="llama", seq_length=128, sliding_window=64).validate()
+    from megatron_rlhf.convert.from_hf import model_config_from_hf
+
+    cfg = _hf_config("mistral", 512, Tokenizer.load(ROOT / "examples/tiny/tokenizer.model")).to_dict()
+    cfg.update(architectures=["MistralForCausalLM"], max_position_embeddings=32768, sliding_window=4096)
+    model, _ = model_config_from_hf(cfg)
+    assert (model.seq_length, model.sliding_window) == (4096, 4096)  # exact up to the window, so the context stops there
+
+
+def _edit_config(work, tmp_path, key, name, **changes):
+    d = shutil.copytree(work["hf"][key], tmp_path / name)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_bad_inputs(work, tmp_path):
+    out = tmp_path / "out"
+    d = _edit_config(work, tmp_path, ("qwen2", False), "phi", architectures=["Phi3ForCausalLM"], model_type="phi3")
+    with pytest.raises(ConversionError, match="unsupported architecture Phi3ForCausalLM.*Llama.*Mistral.*Qwen2.*Qwen3.*GPT-2"):
+        convert_from_hf(d, out, progress=False)
+    d = _edit_config(work, tmp_path, ("qwen2", False), "sw", use_sliding_window=True)
+    with pytest.raises(ConversionError, match="use_sliding_window=true"):
+        convert_from_hf(d, out, progress=False)
+    d = _edit_config(work, tmp_path, ("qwen2", True), "labels", num_labels=2, id2label={"0": "a", "1": "b"})
+    with pytest.raises(ConversionError, match="2 labels: a reward model has one"):
+        convert_from_hf(d, out, progress=False)
+    d = _edit_config(work, tmp_path, ("llama3", False), "bias", attention_bias=True)
+    with pytest.raises(ConversionError, match="attention_bias"):
+        convert_from_hf(d, out, progress=False)
+    # a tokenizer with more tokens than the embedding has rows; a config.json that disagrees with the embedding
+    with pytest.raises(ConversionError, match="mismatched vocabulary.*has 512 pieces but the model's embedding has 400 rows"):
+        convert_from_hf(work["hf"][("gpt2", False)], out, tokenizer=str(ROOT / "examples/tiny/tokenizer.model"), progress=False)
+    d = shutil.copytree(work["hf"][("qwen2", False)], tmp_path / "vocab")
+    shutil.copy(ROOT / "examples/tiny/tokenizer.model", d / "tokenizer.model")  # SentencePiece, 512 pieces, 448 rows
+    with pytest.raises(ConversionError, match="mismatched vocabulary.*512 pieces.*448 rows"):
+        convert_from_hf(d, out, progress=False)
+    big = write_hf_tokenizer(tmp_path / "big_tok", "qwen2", vocab_size=460)
+    with pytest.raises(ConversionError, match="mismatched vocabulary.*460 tokens but the model's embedding has only 448 rows"):
+        convert_from_hf(work["hf"][("qwen2", False)], out, tokenizer=str(big), progress=False)
+    d = _edit_config(work, tmp_path, ("qwen2", False), "declared", vocab_size=300)
+    with pytest.raises(ConversionError, match="mismatched vocabulary.*config.json vocab_size=300 but the embedding has 448 rows"):
+        convert_from_hf(d, out, progress=False)
