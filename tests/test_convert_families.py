@@ -364,3 +364,42 @@ def test_bad_inputs(work, tmp_path):
     d = _edit_config(work, tmp_path, ("qwen2", False), "declared", vocab_size=300)
     with pytest.raises(ConversionError, match="mismatched vocabulary.*config.json vocab_size=300 but the embedding has 448 rows"):
         convert_from_hf(d, out, progress=False)
+
+
+def _cli(*args, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "megatron_rlhf", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_sft_from_a_converted_model_without_a_model_section(work, ours, family, tmp_path):
+    """`megatron-rlhf sft model.init_from=<converted>` with no model section: the checkpoint
+    sets architecture, sizes and tokenizer; Qwen2 trains on chat lines (its template), Llama-3
+    on plain lines; the result exports and loads in transformers."""
+    data = tmp_path / "train.jsonl"
+    if family == "qwen2":
+        records = [{"messages": [{"role": "user", "content": f"List {n} fruits."}, {"role": "assistant", "content": "Apple, pear."}]}
+                   for n in range(1, 9)]
+    else:
+        records = [{"prompt": f"List {n} fruits.", "response": " Apple, pear."} for n in range(1, 9)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "sft"
+    r = _cli("sft", f"model.init_from={work['root'] / f'ours_{family}'}", f"data.train_path={data}", "train.max_steps=2",
+             "train.global_batch_size=4", "train.micro_batch_size=2", "train.progress_bar=false", "train.tensorboard=false",
+             "train.eval_interval=0", f"output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads(next((out / "checkpoints").glob("iter_*/meta.json")).read_text())
+    converted = json.loads((work["root"] / f"ours_{family}" / "iter_0000000" / "meta.json").read_text())
+    assert meta["tokenizer_fingerprint"] == converted["tokenizer_fingerprint"]
+    assert {k: meta["model"][k] for k in ("family", "num_layers", "qkv_bias", "rope_scaling")} == {
+        k: converted["model"][k] for k in ("family", "num_layers", "qkv_bias", "rope_scaling")}
+    hf_out = tmp_path / "hf"
+    convert_to_hf(out, hf_out, progress=False)
+    model = _hf_model(hf_out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_out))
+    assert type(model).__name__ == _hf_class(family, False).__name__
+    assert hf_tok.chat_template == Tokenizer.load(work["root"] / f"ours_{family}").chat_template

@@ -88,7 +88,7 @@ def checkpoint_arch(reader: DistCheckpointReader, meta: dict) -> Arch:
     wrong = [f"{k}: {reader.shape(k)} vs {v}" for k, v in expected.items() if reader.shape(k) != tuple(v)]
     if wrong:
         raise ConversionError(f"{reader.path} does not match the model config in meta.json: {'; '.join(wrong[:4])}")
-    unknown = [k for k in reader.tensors if k not in expected]
+    unknown = [k for k in reader.tensors if k not in expected and not k.startswith("optimizer.")]  # trained: Adam state beside the weights
     if unknown:
         raise ConversionError(f"{reader.path} has tensors this converter does not know: {', '.join(unknown[:4])}")
     return arch
