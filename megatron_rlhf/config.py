@@ -61,6 +61,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
     sliding_window: Optional[int] = None  # Mistral: the model's attention window; seq_length may not exceed it
+    gelu_approximation: str = "none"  # GPT-2: "none" (exact erf GELU) | "tanh" (HF gelu_new, the original GPT-2's)
 
     def validate(self) -> None:
         _one_of("model.flavour", self.flavour, ("gpt2", "llama"))
@@ -70,6 +71,9 @@ class ModelConfig:
         _one_of("model.recompute_granularity", self.recompute_granularity, (None, "selective", "full"))
         _one_of("model.family", self.family, ("", "llama", "mistral", "qwen2", "qwen3", "gpt2"))
         _one_of("model.rope_scaling", self.rope_scaling, (None, "llama3"))
+        _one_of("model.gelu_approximation", self.gelu_approximation, ("none", "tanh"))
+        if self.gelu_approximation != "none" and self.flavour != "gpt2":
+            raise ConfigError("model.gelu_approximation applies to model.flavour=gpt2 (Llama-style models use SwiGLU)")
         llama_only = [k for k in ("qkv_bias", "qk_layernorm", "rope_scaling", "sliding_window") if getattr(self, k)]
         if self.flavour != "llama" and llama_only:
             raise ConfigError(f"model.{llama_only[0]} needs model.flavour=llama (RoPE, RMSNorm); this model is {self.flavour!r}")
@@ -116,7 +120,7 @@ ARCHITECTURE_FIELDS = (
     "flavour", "family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
     "ffn_hidden_size", "norm_epsilon", "rotary_base", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by",
     "qkv_bias", "qk_layernorm", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-    "rope_original_max_position_embeddings", "sliding_window",
+    "rope_original_max_position_embeddings", "sliding_window", "gelu_approximation",
 )
 
 

@@ -433,12 +433,12 @@ def test_unsupported_architecture(work, tmp_path):
         convert_from_hf(d, tmp_path / "out", progress=False)
 
 
-def test_gpt2_tanh_gelu_needs_explicit_flag(work, tmp_path):
+def test_gpt2_unknown_activation(work, tmp_path):
     d = _copy_hf(work, "gpt2", tmp_path / "g")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["activation_function"] = "gelu_new"
+    cfg["activation_function"] = "relu"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match="--allow-gelu-approximation"):
+    with pytest.raises(ConversionError, match="activation_function='relu' \\(supported: gelu, gelu_python, gelu_new"):
         convert_from_hf(d, tmp_path / "out", progress=False)
 
 

@@ -1,7 +1,8 @@
 """Today's open model families in and out, logit-exact: Llama-3.x (``llama3`` RoPE scaling with
 all four parameters, a non-integer rope_theta), Qwen2/2.5 (q/k/v biases, tied embeddings, an
 embedding larger than the tokenizer), Mistral (its own head size, a sliding window), Qwen3
-(QK-norm) and GPT-2 (byte-level BPE tokenizer.json), each as a policy and as a reward model.
+(QK-norm) and GPT-2 (byte-level BPE tokenizer.json, tanh GELU), each as a policy and as a
+reward model.
 
 Random tiny models built with ``transformers`` (every weight randomised, norms and biases
 included), with their own tokenizers (Hugging Face ``tokenizers``; SentencePiece for
@@ -50,7 +51,8 @@ def _hf_config(family: str, vocab: int, tok: Tokenizer, num_labels=None):
     if num_labels:
         ids["num_labels"] = num_labels
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=SEQ, activation_function="gelu", **ids)
+        # the original GPT-2's tanh GELU (gelu_new); tests/test_convert.py covers the exact one
+        return transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=SEQ, activation_function="gelu_new", **ids)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=SEQ, rms_norm_eps=1e-5, **ids)
     if family == "llama3":
@@ -311,6 +313,7 @@ def test_converted_metadata(work, ours):
     assert meta["qwen2"]["vocab_size"] == 448 and Tokenizer.load(work["root"] / "ours_qwen2").num_tokens == 400
     assert (meta["mistral"]["model"]["head_dim"], meta["mistral"]["model"]["sliding_window"]) == (32, 64)
     assert meta["qwen3"]["model"]["qk_layernorm"] and meta["qwen3"]["model"]["head_dim"] == 32
+    assert meta["gpt2"]["model"]["gelu_approximation"] == "tanh"
     assert {f: m["model"]["family"] for f, m in meta.items()} == {"llama3": "llama", "qwen2": "qwen2", "mistral": "mistral",
                                                                   "qwen3": "qwen3", "gpt2": "gpt2"}
 

@@ -30,7 +30,6 @@ def main(argv=None) -> int:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--tokenizer", help="tokenizer to use instead of HF_DIR's own (a .model, a tokenizer.json or a folder)")
-    parser.add_argument("--allow-gelu-approximation", action="store_true", help="GPT-2 with tanh-approximated GELU (gelu_new): convert anyway (not exact)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     try:
         summary = convert_from_hf(
             args.hf_dir, args.out_dir, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            tokenizer=args.tokenizer, allow_gelu_approximation=args.allow_gelu_approximation,
+            tokenizer=args.tokenizer,
             overwrite=args.overwrite, progress=not args.no_progress,
         )
     except (ConversionError, CheckpointError) as exc:

@@ -44,6 +44,7 @@ SUPPORTED = {
 SUPPORTED.update({"GPT2LMHeadModel": ("gpt2", "lm"), "GPT2ForSequenceClassification": ("gpt2", "score")})
 CAUSAL_LM = {family: name for name, (family, head) in SUPPORTED.items() if head == "lm"}
 EXACT_GELU = ("gelu", "gelu_python")
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the original GPT-2's
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # tensors some HF checkpoints carry that are recomputed, not learned
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
@@ -116,7 +117,7 @@ def _llama_like(cfg: dict, arch: str, family: str) -> ModelConfig:
     )
 
 
-def model_config_from_hf(cfg: dict, allow_gelu_approximation: bool = False) -> tuple[ModelConfig, str]:
+def model_config_from_hf(cfg: dict) -> tuple[ModelConfig, str]:
     """Our ModelConfig for an HF ``config.json`` (dict), or a ConversionError saying why not."""
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
@@ -139,13 +140,8 @@ def model_config_from_hf(cfg: dict, allow_gelu_approximation: bool = False) -> t
         model = _llama_like(cfg, arch, family)
     else:
         act = cfg.get("activation_function", "gelu_new")
-        if act not in EXACT_GELU and not allow_gelu_approximation:
-            raise _unsupported(
-                arch,
-                f"activation_function={act!r}: our GPT-2 flavour uses the exact (erf) GELU, so the converted "
-                f"model would differ from the original by ~1e-3 per activation. Pass --allow-gelu-approximation "
-                f"to convert anyway (fine as a starting point for fine-tuning, not bit-exact)",
-            )
+        if act not in EXACT_GELU + TANH_GELU:
+            raise _unsupported(arch, f"activation_function={act!r} (supported: {', '.join(EXACT_GELU + TANH_GELU)})")
         if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
             raise _unsupported(arch, "non-standard attention scaling (scale_attn_weights / scale_attn_by_inverse_layer_idx)")
         if cfg.get("add_cross_attention"):
@@ -161,6 +157,7 @@ def model_config_from_hf(cfg: dict, allow_gelu_approximation: bool = False) -> t
             seq_length=cfg.get("n_positions", cfg.get("max_position_embeddings", 1024)),
             norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
             untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", True),
+            gelu_approximation="tanh" if act in TANH_GELU else "none",
         )
     try:
         model.validate()
@@ -288,7 +285,6 @@ def convert_from_hf(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     tokenizer: Optional[str] = None,
-    allow_gelu_approximation: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -299,7 +295,7 @@ def convert_from_hf(
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir} is not a folder (give a Hugging Face model folder, as save_pretrained writes it)")
     cfg = read_json(hf_dir / "config.json", "Hugging Face config")
-    model, arch_name = model_config_from_hf(cfg, allow_gelu_approximation)
+    model, arch_name = model_config_from_hf(cfg)
     tok = load_hf_tokenizer(hf_dir, tokenizer)
     try:
         index = SafetensorsIndex(hf_dir)

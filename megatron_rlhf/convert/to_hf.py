@@ -167,7 +167,7 @@ def hf_config(arch: Arch, meta: dict, ids: dict, dtype: torch.dtype, score_bias:
     else:
         cfg = transformers.GPT2Config(
             vocab_size=arch.vocab, n_positions=arch.seq_length, n_embd=arch.hidden, n_layer=arch.num_layers, n_head=arch.heads,
-            n_inner=arch.ffn, activation_function="gelu", layer_norm_epsilon=model.norm_epsilon,
+            n_inner=arch.ffn, activation_function="gelu" if model.gelu_approximation == "none" else "gelu_new", layer_norm_epsilon=model.norm_epsilon,
             resid_pdrop=model.hidden_dropout, embd_pdrop=model.hidden_dropout, attn_pdrop=model.attention_dropout, **common,
         )
         cls = "GPT2ForSequenceClassification" if arch.head == "score" else "GPT2LMHeadModel"

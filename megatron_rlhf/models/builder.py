@@ -50,6 +50,11 @@ def ffn_hidden_size(model: ModelConfig) -> int:
     return 4 * model.hidden_size
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: GPT-2's (Hugging Face ``gelu_new``)."""
+    return F.gelu(x, approximate="tanh")
+
+
 def head_dim(model: ModelConfig) -> int:
     return model.head_dim or model.hidden_size // model.num_attention_heads
 
@@ -125,7 +130,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, initialize:
         layernorm_epsilon=model.norm_epsilon,
         normalization="RMSNorm" if llama else "LayerNorm",
         gated_linear_unit=llama,
-        activation_func=F.silu if llama else F.gelu,
+        activation_func=F.silu if llama else (F.gelu if model.gelu_approximation == "none" else _gelu_tanh),
         add_bias_linear=not llama,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -137,7 +142,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, initialize:
         pipeline_dtype=dtype,
         bf16=precision == "bf16",
         # Fusions that need Apex/TE/CUDA kernels are switched on only where they exist.
-        bias_activation_fusion=te and not llama,
+        bias_activation_fusion=te and not llama and model.gelu_approximation == "none",
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
