@@ -21,6 +21,8 @@ setup(
         "numpy",
         "pyyaml>=6",
         "sentencepiece>=0.2",
+        "tokenizers>=0.15",  # Hugging Face tokenizer.json (Llama-3, Qwen2.5, GPT-2, Mistral-Nemo)
+        "jinja2>=3",  # chat templates
         "tensorboard>=2.14",
         "matplotlib>=3.7",  # `megatron-rlhf report`, the last step of examples/tiny/run.sh
     ],

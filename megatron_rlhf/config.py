@@ -49,8 +49,20 @@ class ModelConfig:
     transformer_impl: str = "auto"  # auto (TE on GPU when installed) | local | transformer_engine
     recompute_granularity: Optional[str] = None  # None | selective | full
     recompute_num_layers: int = 1  # with full recompute: layers per checkpointed chunk
-    tokenizer: str = ""  # SentencePiece model file
-    init_from: str = ""  # a checkpoint directory to start from (weights only)
+    tokenizer: str = ""  # SentencePiece .model, Hugging Face tokenizer.json or a folder holding either (or a checkpoint)
+    init_from: str = ""  # a checkpoint to start from (weights); its meta.json fills the architecture keys and tokenizer
+    # Architecture details of imported open models (tools/convert_from_hf.py sets them):
+    family: str = ""  # Hugging Face family for export: "" (from flavour) | llama | mistral | qwen2 | qwen3 | gpt2
+    head_dim: Optional[int] = None  # attention head size; None: hidden_size / num_attention_heads
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    qk_layernorm: bool = False  # RMSNorm on each head's q and k before RoPE (Qwen3)
+    rope_scaling: Optional[str] = None  # None | "llama3" (Llama-3.1+ frequency-dependent RoPE scaling)
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    sliding_window: Optional[int] = None  # Mistral: the model's attention window; seq_length may not exceed it
+    gelu_approximation: str = "none"  # GPT-2: "none" (exact erf GELU) | "tanh" (HF gelu_new, the original GPT-2's)
 
     def validate(self) -> None:
         _one_of("model.flavour", self.flavour, ("gpt2", "llama"))
@@ -58,11 +70,36 @@ class ModelConfig:
         _one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
         _one_of("model.transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
         _one_of("model.recompute_granularity", self.recompute_granularity, (None, "selective", "full"))
+        _one_of("model.family", self.family, ("", "llama", "mistral", "qwen2", "qwen3", "gpt2"))
+        _one_of("model.rope_scaling", self.rope_scaling, (None, "llama3"))
+        _one_of("model.gelu_approximation", self.gelu_approximation, ("none", "tanh"))
+        if self.gelu_approximation != "none" and self.flavour != "gpt2":
+            raise ConfigError("model.gelu_approximation applies to model.flavour=gpt2 (Llama-style models use SwiGLU)")
+        llama_only = [k for k in ("qkv_bias", "qk_layernorm", "rope_scaling", "sliding_window") if getattr(self, k)]
+        if self.flavour != "llama" and llama_only:
+            raise ConfigError(f"model.{llama_only[0]} needs model.flavour=llama (RoPE, RMSNorm); this model is {self.flavour!r}")
+        if self.family and (self.family == "gpt2") != (self.flavour == "gpt2"):
+            raise ConfigError(f"model.family={self.family!r} does not fit model.flavour={self.flavour!r}")
+        if self.head_dim is not None:
+            _positive("model.head_dim", self.head_dim)
+        if self.rope_scaling == "llama3":
+            if self.rope_scaling_factor <= 0 or self.rope_high_freq_factor <= self.rope_low_freq_factor or self.rope_low_freq_factor <= 0:
+                raise ConfigError(
+                    f"model.rope_scaling=llama3 needs rope_scaling_factor > 0 and 0 < rope_low_freq_factor "
+                    f"({self.rope_low_freq_factor}) < rope_high_freq_factor ({self.rope_high_freq_factor})"
+                )
+            _positive("model.rope_original_max_position_embeddings", self.rope_original_max_position_embeddings)
+        if self.sliding_window is not None and self.seq_length > self.sliding_window:
+            raise ConfigError(
+                f"model.seq_length={self.seq_length} exceeds this model's sliding attention window "
+                f"model.sliding_window={self.sliding_window}: our attention is full causal, which equals the "
+                f"sliding window only up to {self.sliding_window} tokens. Set model.seq_length <= {self.sliding_window}"
+            )
         _positive("model.num_layers", self.num_layers)
         _positive("model.hidden_size", self.hidden_size)
         _positive("model.num_attention_heads", self.num_attention_heads)
         _positive("model.seq_length", self.seq_length)
-        if self.hidden_size % self.num_attention_heads:
+        if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}"
@@ -77,6 +114,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name}={value} must be in [0, 1)")
+
+
+# The model keys that describe the network's shape: a checkpoint fixes them (meta.json "model").
+ARCHITECTURE_FIELDS = (
+    "flavour", "family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+    "ffn_hidden_size", "norm_epsilon", "rotary_base", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+    "qkv_bias", "qk_layernorm", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_max_position_embeddings", "sliding_window", "gelu_approximation",
+)
 
 
 @dataclass(frozen=True)
@@ -315,12 +361,91 @@ def load_config(path: Optional[str], overrides: list[str] = (), stage: Optional[
     cfg = _build(Config, raw, prefix="", source=source)
     for item in overrides:
         cfg = apply_override(cfg, item)
+    if cfg.model.init_from:
+        cfg = dataclasses.replace(cfg, model=model_from_checkpoint(cfg.model, _explicit_model_keys(raw, overrides, path)))
     if stage is not None:
         if path and "stage" in raw and raw["stage"] != stage:
             raise ConfigError(f"{path} is a '{raw['stage']}' config, but the command is '{stage}'")
         cfg = dataclasses.replace(cfg, stage=stage)
     cfg.validate()
     return cfg
+
+
+def _explicit_model_keys(raw: dict, overrides, path: Optional[str]) -> dict:
+    """``{model key: where it was set}`` for the keys the user wrote (YAML or ``key=value``)."""
+    out = {k: path for k in (raw.get("model") or {}) if isinstance(raw.get("model"), dict)}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if key.startswith("model."):
+            out[key[len("model."):].split(".")[0]] = "command line"
+        elif key == "model":
+            value = yaml.safe_load(text) if text else None
+            out.update({k: "command line" for k in (value or {})} if isinstance(value, dict) else {})
+    return out
+
+
+def _checkpoint_meta(init_from: str) -> Optional[tuple[Path, dict]]:
+    """``(folder, meta.json)`` of a checkpoint given as a run's output_dir, its
+    ``checkpoints/`` folder or one ``iter_N`` folder (as checkpoint.resolve_checkpoint resolves it);
+    None where there is none yet (a config read before its run; the recipe that loads the
+    checkpoint reports it)."""
+    import json
+
+    p = Path(init_from)
+    folder = p
+    if not (p / "meta.json").is_file():
+        for root in (p, p / "checkpoints"):
+            if (root / "latest").is_file():
+                folder = root / (root / "latest").read_text().strip()
+                break
+    if not (folder / "meta.json").is_file():
+        return None
+    try:
+        return folder, json.loads((folder / "meta.json").read_text())
+    except ValueError as exc:
+        raise ConfigError(f"model.init_from={init_from}: {folder / 'meta.json'} is not valid JSON ({exc})") from None
+
+
+def model_from_checkpoint(model: ModelConfig, explicit: dict) -> ModelConfig:
+    """Fill the model section from ``model.init_from``'s meta.json.
+
+    The architecture (:data:`ARCHITECTURE_FIELDS`), ``seq_length`` and ``vocab_size`` come
+    from the checkpoint, and ``tokenizer`` becomes the checkpoint folder (which carries its
+    tokenizer) unless set. A key the user set (``explicit``: key -> where) that disagrees is
+    an error naming both values; ``seq_length`` may differ for RoPE models (positions are
+    not learned), never for GPT-2's learned positions. A path without a checkpoint (yet)
+    changes nothing: the recipe that loads it says what is missing.
+    """
+    found = _checkpoint_meta(model.init_from)
+    if found is None:
+        return model
+    folder, meta = found
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"model.init_from={model.init_from}: {folder / 'meta.json'} has no 'model' section")
+    known = {f.name for f in fields(ModelConfig)}
+    updates, conflicts = {}, []
+    wanted = [k for k in ARCHITECTURE_FIELDS + ("seq_length",) if k in saved and k in known]
+    flavour = saved.get("flavour", model.flavour)
+    for key in wanted:
+        value = saved[key]
+        if key in explicit:
+            if getattr(model, key) != value and not (key == "seq_length" and flavour == "llama"):
+                conflicts.append(f"model.{key}={getattr(model, key)!r} ({explicit[key]}) but the checkpoint has {value!r}")
+        else:
+            updates[key] = value
+    vocab = meta.get("vocab_size")
+    if model.vocab_size is not None and vocab is not None and model.vocab_size != vocab:
+        conflicts.append(f"model.vocab_size={model.vocab_size!r} ({explicit.get('vocab_size', 'config')}) but the checkpoint has {vocab!r}")
+    if conflicts:
+        raise ConfigError(
+            f"model.init_from={model.init_from} ({folder}) fixes the architecture: " + "; ".join(conflicts)
+            + ". Remove these keys from the model section (they are read from the checkpoint)"
+        )
+    if not model.tokenizer:
+        updates["tokenizer"] = str(folder)
+    return dataclasses.replace(model, **updates)
 
 
 def apply_override(cfg: Config, item: str) -> Config:

@@ -422,19 +422,23 @@ def test_unsupported_architecture(work, tmp_path):
     with pytest.raises(ConversionError, match="unsupported architecture BertModel"):
         convert_from_hf(d, tmp_path / "out", progress=False)
     cfg = json.loads((work["hf"]["llama_untied"] / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0}
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0}
     cfg["rope_scaling"] = cfg["rope_parameters"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match="RoPE scaling 'llama3'"):
+    with pytest.raises(ConversionError, match="RoPE scaling 'yarn'.*'llama3'"):
+        convert_from_hf(d, tmp_path / "out", progress=False)
+    cfg["rope_parameters"] = cfg["rope_scaling"] = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="'llama3' without low_freq_factor, high_freq_factor, original_max_position_embeddings"):
         convert_from_hf(d, tmp_path / "out", progress=False)
 
 
-def test_gpt2_tanh_gelu_needs_explicit_flag(work, tmp_path):
+def test_gpt2_unknown_activation(work, tmp_path):
     d = _copy_hf(work, "gpt2", tmp_path / "g")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["activation_function"] = "gelu_new"
+    cfg["activation_function"] = "relu"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match="--allow-gelu-approximation"):
+    with pytest.raises(ConversionError, match="activation_function='relu' \\(supported: gelu, gelu_python, gelu_new"):
         convert_from_hf(d, tmp_path / "out", progress=False)
 
 
@@ -445,11 +449,13 @@ def test_mismatched_vocab(work, tmp_path):
         convert_from_hf(d, tmp_path / "out", progress=False)
 
 
-def test_hf_tokenizer_without_sentencepiece(work, tmp_path):
+def test_broken_or_missing_tokenizer(work, tmp_path):
     d = _copy_hf(work, "gpt2", tmp_path / "t")
     (d / "tokenizer.model").unlink()
+    with pytest.raises(ConversionError, match="holds no tokenizer.*--tokenizer PATH"):
+        convert_from_hf(d, tmp_path / "out", progress=False)
     (d / "tokenizer.json").write_text("{}")
-    with pytest.raises(ConversionError, match="no SentencePiece tokenizer.model.*cannot represent.*--tokenizer"):
+    with pytest.raises(ConversionError, match="not a valid tokenizer.json.*--tokenizer PATH"):
         convert_from_hf(d, tmp_path / "out", progress=False)
 
 

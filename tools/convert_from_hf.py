@@ -2,17 +2,20 @@
 """Hugging Face -> megatron-rlhf checkpoint.
 
     python tools/convert_from_hf.py HF_DIR OUT_DIR [--tensor-model-parallel-size N]
-        [--pipeline-model-parallel-size M] [--tokenizer SPM.model] [--overwrite]
+        [--pipeline-model-parallel-size M] [--tokenizer PATH] [--overwrite]
 
-HF_DIR: a LlamaForCausalLM (grouped-query attention, tied or untied embeddings) or
-GPT2LMHeadModel folder as save_pretrained writes it (config.json + safetensors, one file or
-sharded) with a SentencePiece tokenizer.model (or --tokenizer). OUT_DIR becomes a
-checkpoint folder for `model.init_from=OUT_DIR`. Our dist checkpoints reshard on load, so
-the result loads at any layout; the TP/PP flags check that the model splits that way.
-Runs as one process on the CPU; memory: one fp32 copy of the model.
+HF_DIR: a folder as save_pretrained writes it (config.json + safetensors, one file or
+sharded) of Llama (incl. Llama-3.x RoPE scaling), Mistral, Qwen2/Qwen2.5, Qwen3 or GPT-2:
+...ForCausalLM / GPT2LMHeadModel become a policy, ...ForSequenceClassification with
+num_labels=1 a reward model (to start PPO from). The tokenizer is the folder's own:
+tokenizer.model (SentencePiece) or tokenizer.json with tokenizer_config.json (or
+--tokenizer, a file or folder). OUT_DIR becomes a checkpoint for `model.init_from=OUT_DIR`
+(SFT, RM) or `ppo.reward_model=OUT_DIR`; it fills the model section (architecture, sizes,
+tokenizer) itself. Our dist checkpoints reshard on load, so the result loads at any
+layout; the TP/PP flags check that the model splits that way. Runs as one process on the
+CPU; memory: one fp32 copy of the model.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -26,8 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--tokenizer", help="SentencePiece model to use instead of HF_DIR/tokenizer.model")
-    parser.add_argument("--allow-gelu-approximation", action="store_true", help="GPT-2 with tanh-approximated GELU (gelu_new): convert anyway (not exact)")
+    parser.add_argument("--tokenizer", help="tokenizer to use instead of HF_DIR's own (a .model, a tokenizer.json or a folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -41,18 +43,18 @@ def main(argv=None) -> int:
     try:
         summary = convert_from_hf(
             args.hf_dir, args.out_dir, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            tokenizer=args.tokenizer, allow_gelu_approximation=args.allow_gelu_approximation,
+            tokenizer=args.tokenizer,
             overwrite=args.overwrite, progress=not args.no_progress,
         )
     except (ConversionError, CheckpointError) as exc:
         print(f"convert_from_hf: error: {exc}", file=sys.stderr)
         return 2
     model = summary["model"]
-    arch_keys = ("flavour", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                 "seq_length", "norm_epsilon", "rotary_base", "untie_embeddings_and_output_weights")
     print(f"wrote {summary['checkpoint']} ({summary['architecture']}, {summary['tensors']} tensors, source dtype {summary['source_dtype']})")
-    print("use it with model.init_from=" + args.out_dir + " and this model section:")
-    print("model:\n" + "\n".join(f"  {k}: {json.dumps(model[k])}" for k in arch_keys))
+    use = "ppo.reward_model" if summary["architecture"].endswith("ForSequenceClassification") else "model.init_from"
+    print(f"use it with {use}={args.out_dir}; it sets the architecture, sizes and tokenizer itself "
+          f"({model['flavour']}/{model['family']}, {model['num_layers']} layers, hidden {model['hidden_size']}, "
+          f"context {model['seq_length']}: a shorter model.seq_length is fine for RoPE models)")
     return 0
 
 

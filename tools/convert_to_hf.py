@@ -5,14 +5,15 @@
         [--max-shard-size 2GB] [--overwrite]
 
 CKPT_DIR: a run's output_dir, its checkpoints/ folder, checkpoints/best or one iter_N
-folder, saved at any TP/PP layout. A policy becomes LlamaForCausalLM / GPT2LMHeadModel;
-a reward model or critic (scalar head) becomes ...ForSequenceClassification with
-num_labels=1. The reward is `logits + config.rlhf_score_bias` (GPT-2: the bias is folded
+folder, saved at any TP/PP layout. A policy becomes ...ForCausalLM of its family (Llama,
+Mistral, Qwen2, Qwen3; GPT2LMHeadModel); a reward model or critic (scalar head) becomes
+...ForSequenceClassification with num_labels=1. The reward is `logits + config.rlhf_score_bias` (GPT-2: the bias is folded
 into the final LayerNorm and rlhf_score_bias is 0; Llama: HF's score layer has no bias, so
 it must be added). PPO checkpoints hold "actor" (default) and "critic": pick with
 --network. Writes model.safetensors (sharded above --max-shard-size), config.json,
-generation_config.json and tokenizer files (tokenizer.json reproducing the SentencePiece
-model, tokenizer.model, tokenizer_config.json). Memory: about one layer at a time.
+generation_config.json and tokenizer files (a Hugging Face tokenizer: its tokenizer.json and
+a tokenizer_config.json with its chat template; a SentencePiece one: tokenizer.model, a
+tokenizer.json reproducing it and tokenizer_config.json). Memory: about one layer at a time.
 """
 import argparse
 import os
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--network", help="which network of the checkpoint (default: model, or actor for PPO)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the imported model's dtype, else the checkpoint's")
     parser.add_argument("--max-shard-size", default="2GB")
-    parser.add_argument("--tokenizer", help="SentencePiece model to use instead of the checkpoint's tokenizer.model")
+    parser.add_argument("--tokenizer", help="tokenizer to use instead of the checkpoint's own (a .model, a tokenizer.json or a folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_rlhf.checkpoint.io import CheckpointError, load_weights, read_meta, resolve_checkpoint
-from megatron_rlhf.config import Config, ModelConfig, ParallelConfig
+from megatron_rlhf.config import ARCHITECTURE_FIELDS, Config, ModelConfig, ParallelConfig
 from megatron_rlhf.data import Tokenizer
 
-# Fields that define the network; a checkpoint loads only into the same architecture.
-ARCH_FIELDS = (
-    "flavour", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "untie_embeddings_and_output_weights", "rotary_base", "make_vocab_size_divisible_by",
-)
 KINDS = ("policy", "reward")
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -68,7 +63,7 @@ def check_compatible(ckpt: Path, cfg: Config, tokenizer: Tokenizer, what: str = 
         )
     saved = meta.get("model", {})
     ours = dataclasses.asdict(model or cfg.model)
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {ours.get(k)!r}" for k in ARCH_FIELDS if k in saved and saved.get(k) != ours.get(k)]
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {ours.get(k)!r}" for k in ARCHITECTURE_FIELDS if k in saved and saved.get(k) != ours.get(k)]
     if diffs:
         raise CheckpointError(f"{what}={ckpt} has another architecture: " + "; ".join(diffs) + ". Make the config's model section match the checkpoint")
     return meta
@@ -84,10 +79,10 @@ def model_config_from_meta(meta: dict, tokenizer_path: str = "", **overrides) ->
 
 
 def with_architecture(model: ModelConfig, meta: dict) -> ModelConfig:
-    """``model`` with the network shape (``ARCH_FIELDS``) of the checkpoint ``meta`` describes:
+    """``model`` with the network shape (``ARCHITECTURE_FIELDS``) of the checkpoint ``meta`` describes:
     a critic built from a reward model of another size than the actor."""
     saved = meta.get("model", {})
-    return dataclasses.replace(model, **{k: saved[k] for k in ARCH_FIELDS if k in saved})
+    return dataclasses.replace(model, **{k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
 
 
 def load_tokenizer(ckpt: Path) -> Tokenizer:

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         model.eval()
         budget = prompt_budget(meta["model"]["seq_length"], args.max_new_tokens)
         if args.prompt is not None:
-            prompts = [[tok.bos_id] + tok.encode(args.prompt)]
+            prompts = [tok.bos_ids + tok.encode(args.prompt)]
             texts = [args.prompt]
             if len(prompts[0]) > budget:
                 raise DataError(f"--prompt has {len(prompts[0])} tokens; at most {budget} fit with --max-new-tokens {args.max_new_tokens}")

@@ -34,7 +34,15 @@ def arch_of(model: ModelConfig, vocab: int, padded_vocab: int, head: str = "lm")
         seq_length=model.seq_length,
         tied=tied and head == "lm",
         head=head,
+        kv_channels=model.head_dim or 0,
+        qkv_bias=model.qkv_bias,
+        qk_norm=model.qk_layernorm,
     )
+
+
+def family_of(model: ModelConfig) -> str:
+    """The Hugging Face family a model exports as (``model.family``, else from the flavour)."""
+    return model.family or ("gpt2" if model.flavour == "gpt2" else "llama")
 
 
 def model_config_from_meta(meta: dict) -> ModelConfig:

@@ -33,6 +33,8 @@ DIST_KEYS = {
     "input_layernorm.bias": "decoder.layers.self_attention.linear_qkv.layer_norm_bias",
     "self_attention.linear_qkv.weight": "decoder.layers.self_attention.linear_qkv.weight",
     "self_attention.linear_qkv.bias": "decoder.layers.self_attention.linear_qkv.bias",
+    "self_attention.q_layernorm.weight": "decoder.layers.self_attention.q_layernorm.weight",
+    "self_attention.k_layernorm.weight": "decoder.layers.self_attention.k_layernorm.weight",
     "self_attention.linear_proj.weight": "decoder.layers.self_attention.linear_proj.weight",
     "self_attention.linear_proj.bias": "decoder.layers.self_attention.linear_proj.bias",
     "pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
@@ -54,7 +56,7 @@ OUTPUT_B = "output_layer.bias"
 class Arch:
     """The shape facts both directions need."""
 
-    flavour: str  # "llama" | "gpt2"
+    flavour: str  # "llama" (also Mistral, Qwen2, Qwen3) | "gpt2"
     num_layers: int
     hidden: int
     heads: int
@@ -65,10 +67,13 @@ class Arch:
     seq_length: int
     tied: bool  # output layer shares the word embedding (LM head only)
     head: str = "lm"  # "lm" | "score" (reward model / critic: ScalarHead)
+    kv_channels: int = 0  # head size; 0: hidden / heads
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.kv_channels or self.hidden // self.heads
 
     @property
     def llama(self) -> bool:
@@ -116,26 +121,41 @@ def hf_prefix(arch: Arch) -> str:
 def hf_layer_names(arch: Arch, i: int) -> List[str]:
     p = f"{hf_prefix(arch)}layers.{i}." if arch.llama else f"transformer.h.{i}."
     if arch.llama:
-        return [p + n for n in (
-            "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        )]
+        return [p + n for n in _llama_layer_names(arch)]
     return [p + n for n in (
         "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
         "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
     )]
 
 
+def _llama_layer_names(arch: Arch) -> List[str]:
+    names = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
+    if arch.qkv_bias:
+        names += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    if arch.qk_norm:
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    return names + ["self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+
+
+def _llama_layer_shapes(arch: Arch) -> List[Tuple[int, ...]]:
+    H, F, d = arch.hidden, arch.ffn, arch.head_dim
+    q, kv = arch.heads * d, arch.groups * d
+    shapes = [(H,), (q, H), (kv, H), (kv, H)]
+    if arch.qkv_bias:
+        shapes += [(q,), (kv,), (kv,)]
+    if arch.qk_norm:
+        shapes += [(d,), (d,)]
+    return shapes + [(H, q), (H,), (F, H), (F, H), (H, F)]
+
+
 def hf_shapes(arch: Arch) -> List[Tuple[str, Tuple[int, ...]]]:
     """Every tensor of the HF checkpoint, in the order :func:`hf_tensors` yields them."""
-    H, F, V, d = arch.hidden, arch.ffn, arch.vocab, arch.head_dim
+    H, F, V = arch.hidden, arch.ffn, arch.vocab
     out: List[Tuple[str, Tuple[int, ...]]] = []
     if arch.llama:
         out.append(("model.embed_tokens.weight", (V, H)))
         for i in range(arch.num_layers):
-            shapes = [(H,), (arch.heads * d, H), (arch.groups * d, H), (arch.groups * d, H), (H, arch.heads * d), (H,), (F, H), (F, H), (H, F)]
-            out += list(zip(hf_layer_names(arch, i), shapes))
+            out += list(zip(hf_layer_names(arch, i), _llama_layer_shapes(arch)))
         out.append(("model.norm.weight", (H,)))
     else:
         out += [("transformer.wte.weight", (V, H)), ("transformer.wpe.weight", (arch.seq_length, H))]
@@ -182,6 +202,12 @@ def hf_tensors(arch: Arch, read: Reader, score_bias_into_final_norm: float = 0.0
             yield emit(k)
             yield emit(v)
             del q, k, v
+            if arch.qkv_bias:
+                for b in split_qkv(layer("self_attention.linear_qkv.bias"), arch.heads, arch.groups, arch.head_dim):
+                    yield emit(b)
+            if arch.qk_norm:
+                yield emit(layer("self_attention.q_layernorm.weight"))
+                yield emit(layer("self_attention.k_layernorm.weight"))
             yield emit(layer("self_attention.linear_proj.weight"))
             yield emit(layer("pre_mlp_layernorm.weight"))
             gate, up = layer("mlp.linear_fc1.weight").chunk(2, dim=0)
@@ -230,6 +256,10 @@ def required_dist_keys(arch: Arch) -> List[str]:
 
 def _layer_params(arch: Arch) -> List[str]:
     names = ["input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    if arch.qkv_bias:
+        names.append("self_attention.linear_qkv.bias")
+    if arch.qk_norm:
+        names += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
     if not arch.llama:
         names += ["input_layernorm.bias", "self_attention.linear_qkv.bias", "self_attention.linear_proj.bias", "pre_mlp_layernorm.bias", "mlp.linear_fc1.bias", "mlp.linear_fc2.bias"]
     return names
@@ -243,6 +273,7 @@ def expected_dist_shapes(arch: Arch) -> dict:
         "input_layernorm.weight": (H,), "input_layernorm.bias": (H,),
         "self_attention.linear_qkv.weight": (arch.qkv_rows, H), "self_attention.linear_qkv.bias": (arch.qkv_rows,),
         "self_attention.linear_proj.weight": (H, arch.heads * arch.head_dim), "self_attention.linear_proj.bias": (H,),
+        "self_attention.q_layernorm.weight": (arch.head_dim,), "self_attention.k_layernorm.weight": (arch.head_dim,),
         "pre_mlp_layernorm.weight": (H,), "pre_mlp_layernorm.bias": (H,),
         "mlp.linear_fc1.weight": (fc1, H), "mlp.linear_fc1.bias": (fc1,),
         "mlp.linear_fc2.weight": (H, F), "mlp.linear_fc2.bias": (H,),
@@ -263,8 +294,14 @@ def hf_source_names(arch: Arch, prefix: str) -> List[str]:
     return [prefix + n[len(base):] if n.startswith(base) else n for n in names]
 
 
-def megatron_tensors(arch: Arch, get: Callable[[str], torch.Tensor], prefix: str, split_fc1: bool = False) -> Iterator[Tuple[str, object]]:
+def megatron_tensors(
+    arch: Arch, get: Callable[[str], torch.Tensor], prefix: str, split_fc1: bool = False, score_bias: float = 0.0
+) -> Iterator[Tuple[str, object]]:
     """Yield ``(our state_dict name, tensor)`` from HF tensors (``get(hf_name)``).
+
+    A ``score`` head (``...ForSequenceClassification``) becomes our ScalarHead, whose bias
+    is ``score_bias`` (HF's head has none; a model we exported carries it as
+    ``rlhf_score_bias``).
 
     ``split_fc1`` (Llama): yield ``mlp.linear_fc1.weight`` as the pair ``(gate, up)``
     instead of their concatenation, for a caller that stores the halves separately.
@@ -288,6 +325,13 @@ def megatron_tensors(arch: Arch, get: Callable[[str], torch.Tensor], prefix: str
             yield ours + "self_attention.linear_qkv.weight", merge_qkv(
                 hf(n["self_attn.q_proj.weight"]), hf(n["self_attn.k_proj.weight"]), hf(n["self_attn.v_proj.weight"]), arch.heads, arch.groups
             )
+            if arch.qkv_bias:
+                yield ours + "self_attention.linear_qkv.bias", merge_qkv(
+                    hf(n["self_attn.q_proj.bias"]), hf(n["self_attn.k_proj.bias"]), hf(n["self_attn.v_proj.bias"]), arch.heads, arch.groups
+                )
+            if arch.qk_norm:
+                yield ours + "self_attention.q_layernorm.weight", hf(n["self_attn.q_norm.weight"])
+                yield ours + "self_attention.k_layernorm.weight", hf(n["self_attn.k_norm.weight"])
             yield ours + "self_attention.linear_proj.weight", hf(n["self_attn.o_proj.weight"])
             yield ours + "pre_mlp_layernorm.weight", hf(n["post_attention_layernorm.weight"])
             gate_up = (hf(n["mlp.gate_proj.weight"]), hf(n["mlp.up_proj.weight"]))
@@ -316,5 +360,9 @@ def megatron_tensors(arch: Arch, get: Callable[[str], torch.Tensor], prefix: str
     else:
         yield FINAL_NORM_W, hf("transformer.ln_f.weight")
         yield FINAL_NORM_B, hf("transformer.ln_f.bias")
-    if not arch.tied:
+    if arch.head == "score":
+        score = hf("score.weight")
+        yield OUTPUT_W, score
+        yield OUTPUT_B, torch.full((1,), float(score_bias), dtype=score.dtype)
+    elif not arch.tied:
         yield OUTPUT_W, pad_rows(hf("lm_head.weight"), Vp)

@@ -26,13 +26,13 @@ from typing import Optional
 
 import torch
 
-from megatron_rlhf.convert.common import ConversionError, arch_of, dtype_name, model_config_from_meta, parse_dtype, prepare_out_dir
+from megatron_rlhf.convert.common import ConversionError, arch_of, dtype_name, family_of, model_config_from_meta, parse_dtype, prepare_out_dir
 from megatron_rlhf.convert.dist_reader import DistCheckpointReader
 from megatron_rlhf.convert.hf_tokenizer import special_ids, write_hf_tokenizer
 from megatron_rlhf.convert.layout import OUTPUT_B, OUTPUT_W, WORD_EMB, Arch, expected_dist_shapes, hf_shapes, hf_tensors
 from megatron_rlhf.convert.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, nbytes, parse_size
 from megatron_rlhf.data.jsonl import DataError
-from megatron_rlhf.data.tokenizer import Tokenizer
+from megatron_rlhf.data.tokenizer import HFTokenizer, Tokenizer
 from megatron_rlhf.checkpoint import io as ckpt_lib
 
 
@@ -88,18 +88,20 @@ def checkpoint_arch(reader: DistCheckpointReader, meta: dict) -> Arch:
     wrong = [f"{k}: {reader.shape(k)} vs {v}" for k, v in expected.items() if reader.shape(k) != tuple(v)]
     if wrong:
         raise ConversionError(f"{reader.path} does not match the model config in meta.json: {'; '.join(wrong[:4])}")
-    unknown = [k for k in reader.tensors if k not in expected]
+    unknown = [k for k in reader.tensors if k not in expected and not k.startswith("optimizer.")]  # trained: Adam state beside the weights
     if unknown:
         raise ConversionError(f"{reader.path} has tensors this converter does not know: {', '.join(unknown[:4])}")
     return arch
 
 
 def checkpoint_tokenizer(ckpt: Path, meta: dict, tokenizer: Optional[str]) -> Tokenizer:
-    path = Path(tokenizer) if tokenizer else ckpt / "tokenizer.model"
+    path = Path(tokenizer) if tokenizer else ckpt
     try:
         tok = Tokenizer.load(path)
     except DataError as exc:
         raise ConversionError(f"tokenizer {path}: {str(exc).splitlines()[0]} (pass --tokenizer PATH)") from None
+    if isinstance(tok, HFTokenizer) and tok.num_tokens <= (meta.get("vocab_size") or 0) and tok.vocab_size != meta.get("vocab_size"):
+        tok = HFTokenizer(tok._json, dict(tok.settings, vocab_size=meta["vocab_size"]), tok.source)
     if tok.vocab_size != meta.get("vocab_size"):
         raise ConversionError(f"mismatched vocabulary: tokenizer {path} has {tok.vocab_size} pieces, the checkpoint's vocab_size is {meta.get('vocab_size')}")
     fp = meta.get("tokenizer_fingerprint")
@@ -108,25 +110,64 @@ def checkpoint_tokenizer(ckpt: Path, meta: dict, tokenizer: Optional[str]) -> To
     return tok
 
 
+HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def _rope_parameters(model) -> dict:
+    rope = {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+    if model.rope_scaling == "llama3":
+        rope.update(
+            rope_type="llama3", factor=model.rope_scaling_factor, low_freq_factor=model.rope_low_freq_factor,
+            high_freq_factor=model.rope_high_freq_factor, original_max_position_embeddings=model.rope_original_max_position_embeddings,
+        )
+    return rope
+
+
 def hf_config(arch: Arch, meta: dict, ids: dict, dtype: torch.dtype, score_bias: Optional[float], extra: dict):
     try:
-        from transformers import GPT2Config, LlamaConfig
+        import transformers
     except ImportError:
         raise ConversionError("exporting needs transformers: pip install 'megatron-rlhf[hf]'") from None
     model = model_config_from_meta(meta)
+    family = family_of(model)
     common = dict(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], tie_word_embeddings=arch.tied)
     if arch.llama:
-        cfg = LlamaConfig(
+        if family == "llama" and arch.qkv_bias:
+            raise ConversionError("a Llama model with q/k/v biases only has no transformers class; set model.family=qwen2")
+        if (arch.qkv_bias and family != "qwen2") or (arch.qk_norm and family != "qwen3"):
+            raise ConversionError(f"model.family={family!r} has no {'q/k/v biases' if arch.qkv_bias else 'QK-norm'} in transformers")
+        if model.sliding_window and family != "mistral":
+            raise ConversionError(f"model.sliding_window is a Mistral setting; model.family is {family!r}")
+        kwargs = dict(
             vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.ffn, num_hidden_layers=arch.num_layers,
-            num_attention_heads=arch.heads, num_key_value_heads=arch.groups, head_dim=arch.head_dim,
-            max_position_embeddings=arch.seq_length, rms_norm_eps=model.norm_epsilon, rope_theta=float(model.rotary_base),
-            hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=model.attention_dropout, **common,
+            num_attention_heads=arch.heads, num_key_value_heads=arch.groups, max_position_embeddings=arch.seq_length,
+            rms_norm_eps=model.norm_epsilon, hidden_act="silu", attention_dropout=model.attention_dropout, **common,
         )
-        cls = "LlamaForSequenceClassification" if arch.head == "score" else "LlamaForCausalLM"
+        if family in ("llama", "mistral", "qwen3"):
+            kwargs["head_dim"] = arch.head_dim
+        elif arch.head_dim != arch.hidden // arch.heads:
+            raise ConversionError(f"Qwen2 has no head_dim setting; this model's head size {arch.head_dim} != hidden/heads")
+        if family == "llama":
+            kwargs.update(attention_bias=False, mlp_bias=False)
+        if family == "mistral":
+            kwargs["sliding_window"] = model.sliding_window
+        if family in ("qwen2", "qwen3"):
+            kwargs.update(use_sliding_window=False, sliding_window=None)
+        if family == "qwen3":
+            kwargs["attention_bias"] = False
+        config_cls = getattr(transformers, f"{HF_CLASSES[family]}Config")
+        rope = _rope_parameters(model)
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            kwargs["rope_parameters"] = rope
+        else:
+            kwargs["rope_theta"] = rope.pop("rope_theta")
+            kwargs["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+        cfg = config_cls(**kwargs)
+        cls = HF_CLASSES[family] + ("ForSequenceClassification" if arch.head == "score" else "ForCausalLM")
     else:
-        cfg = GPT2Config(
+        cfg = transformers.GPT2Config(
             vocab_size=arch.vocab, n_positions=arch.seq_length, n_embd=arch.hidden, n_layer=arch.num_layers, n_head=arch.heads,
-            n_inner=arch.ffn, activation_function="gelu", layer_norm_epsilon=model.norm_epsilon,
+            n_inner=arch.ffn, activation_function="gelu" if model.gelu_approximation == "none" else "gelu_new", layer_norm_epsilon=model.norm_epsilon,
             resid_pdrop=model.hidden_dropout, embd_pdrop=model.hidden_dropout, attn_pdrop=model.attention_dropout, **common,
         )
         cls = "GPT2ForSequenceClassification" if arch.head == "score" else "GPT2LMHeadModel"
@@ -134,8 +175,6 @@ def hf_config(arch: Arch, meta: dict, ids: dict, dtype: torch.dtype, score_bias:
     if arch.head == "score":
         cfg.num_labels = 1
         cfg.rlhf_score_bias = float(score_bias or 0.0)
-    import transformers
-
     # transformers 5 renamed torch_dtype to dtype (4.x reads torch_dtype)
     setattr(cfg, "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype", dtype)
     cfg.megatron_rlhf = extra
@@ -179,7 +218,9 @@ def convert_to_hf(
 
     score_bias = float(reader.read(OUTPUT_B).reshape(-1)[0]) if arch.head == "score" else None
     fold = score_bias if (arch.head == "score" and not arch.llama) else 0.0
-    ids = special_ids(tok)
+    ids = tok.special_ids() if isinstance(tok, HFTokenizer) else special_ids(tok)
+    if ids.get("pad") is None:
+        ids = dict(ids, pad=tok.pad_id)
     extra = {"source_checkpoint": str(ckpt.resolve()), "network": network, "kind": meta.get("kind"), "iteration": meta.get("iteration")}
     cfg = hf_config(arch, meta, ids, out_dtype, None if score_bias is None else (0.0 if fold else score_bias), extra)
     if fold:
@@ -216,7 +257,11 @@ def convert_to_hf(
         from transformers import GenerationConfig
 
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(str(out_dir))
-    tok_report = write_hf_tokenizer(tok, out_dir, arch.seq_length)
+    if isinstance(tok, HFTokenizer):
+        tok.save(out_dir, model_max_length=arch.seq_length)
+        tok_report = {"mismatches": [], "fast": True}
+    else:
+        tok_report = write_hf_tokenizer(tok, out_dir, arch.seq_length)
     return {
         "out_dir": str(out_dir),
         "architecture": cfg.architectures[0],

@@ -1,7 +1,8 @@
 """PPO inputs: prompts to roll out from, and pretraining text for the ptx term.
 
 Prompts: ``{"prompt": str}`` per line (extra keys such as ids are ignored) ->
-``[bos] + prompt tokens``. PPO generates up to ``ppo.max_new_tokens`` after the prompt
+``[bos] + prompt tokens``; or ``{"messages": [...]}`` ending with a user turn, rendered by
+the tokenizer's chat template with the assistant header (:mod:`.chat`). PPO generates up to ``ppo.max_new_tokens`` after the prompt
 and the whole episode must fit in ``model.seq_length``, so a prompt may have at most
 ``prompt_budget(seq_length, max_new_tokens)`` tokens, bos included. A longer prompt is
 an error, not silently cut: a cut prompt asks a different question than the one the
@@ -22,10 +23,12 @@ from __future__ import annotations
 from typing import List, NamedTuple
 
 from ..config import ConfigError
-from .jsonl import data_error, read_jsonl
+from .chat import is_chat
+from .chat import prompt_ids as chat_prompt_ids
+from .jsonl import check_fields, data_error, read_jsonl
 from .sft import SftExample
 
-PROMPT_FIX = 'every line needs {"prompt": "<non-empty text>"}'
+PROMPT_FIX = 'every line needs {"prompt": "<non-empty text>"}, or (with a chat template) {"messages": [{"role": "user", "content": ...}]}'
 TEXT_FIX = 'every line needs {"text": "<non-empty text>"}'
 
 
@@ -68,8 +71,12 @@ def load_prompts(path, tokenizer, max_prompt_len: int) -> List[List[int]]:
 def load_prompt_records(path, tokenizer, max_prompt_len: int) -> List[PromptRecord]:
     """``load_prompts`` keeping each prompt's text, JSONL record and line (same checks, same order)."""
     prompts = []
-    for line, record in read_jsonl(path, {"prompt": str}, PROMPT_FIX):
-        ids = [tokenizer.bos_id, *tokenizer.encode(record["prompt"])]
+    for line, record in read_jsonl(path, None, PROMPT_FIX):
+        if is_chat(record):  # the conversation so far, rendered up to the assistant header
+            ids = chat_prompt_ids(tokenizer, record["messages"], path, line)
+        else:
+            check_fields(record, {"prompt": str}, path, line, PROMPT_FIX)
+            ids = [*tokenizer.bos_ids, *tokenizer.encode(record["prompt"])]
         if len(ids) > max_prompt_len:
             raise data_error(
                 path, line,
@@ -91,7 +98,7 @@ def load_pretrain(path, tokenizer, seq_length: int) -> List[SftExample]:
         raise ValueError(f"seq_length={seq_length} must be >= 1")
     stream: List[int] = []
     for _, record in read_jsonl(path, {"text": str}, TEXT_FIX):
-        stream += [tokenizer.bos_id, *tokenizer.encode(record["text"]), tokenizer.eos_id]
+        stream += [*tokenizer.bos_ids, *tokenizer.encode(record["text"]), tokenizer.eos_id]
     chunks = []
     # chunk c covers stream[c*seq_length : c*seq_length + seq_length + 1]; consecutive
     # chunks overlap by one token so no target is lost at a chunk boundary

@@ -9,6 +9,8 @@ Accepted line formats (one per line, mixable in one file; extra keys ignored):
 * ``{"prompt": str, "responses": [...], "order": [i_best, ..., i_worst]}``: response
   indices best first, a permutation of 0..K-1 (no ties). Converted to ranks.
 * ``{"prompt": str, "chosen": str, "rejected": str}``: K = 2, ranks [1, 2].
+* chat lines (with a chat template, see :func:`chat_comparison`): the prompt is a
+  conversation, rendered with the assistant header; each reply is rendered after it.
 
 A line with no strictly ordered pair (all tied) is an error: it teaches nothing. So is
 an unranked task, ``"ranking": null`` as ``megatron-rlhf sample-for-ranking`` writes it
@@ -29,9 +31,15 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .common import LoadStats, check_policy, pad_sequences, prompt_keep
+from .chat import check_messages, reply_ids
+from .chat import prompt_ids as chat_prompt_ids
 from .jsonl import DataError, check_fields, data_error, read_jsonl
 
 MIN_K, MAX_K = 2, 9
+CHAT_RM_FIX = (
+    'with a chat template: {"messages": [...], "chosen": "...", "rejected": "..."}, or "responses" with "ranking"/"order", '
+    'or TRL\'s {"prompt": [...], "chosen": [{"role": "assistant", "content": ...}], "rejected": [...]}'
+)
 UNRANKED_FIX = (
     'a labeller replaces null with the rank of each response, e.g. "ranking": [2, 1, 3] (1 = best, equal = tie); '
     "`megatron-rlhf sample-for-ranking --check FILE` lists every line still unranked"
@@ -88,6 +96,48 @@ class UnrankedTask(DataError):
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _assistant_text(value, key: str, path, line: int) -> str:
+    """A reply given as a string or as TRL's ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise data_error(path, line, f"{key!r} must be a non-empty reply: a string or [{{\"role\": \"assistant\", \"content\": ...}}]", CHAT_RM_FIX)
+    return value
+
+
+def chat_comparison(record: dict, path, line: int) -> Optional[Tuple[list, dict]]:
+    """``(prompt messages, a plain record of the same comparison)`` for a chat line, else None.
+
+    Chat lines: ``{"messages": [...], "responses": [...], "ranking" | "order": ...}`` or
+    ``{"messages": [...], "chosen": reply, "rejected": reply}``; TRL's explicit-prompt
+    ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` and implicit-prompt
+    ``{"chosen": [..., reply], "rejected": [..., reply]}`` (a shared conversation, then one
+    assistant reply each). A reply is a string or ``[{"role": "assistant", "content": ...}]``.
+    """
+    if "messages" in record:
+        messages = record["messages"]
+        rest = {k: v for k, v in record.items() if k != "messages"}
+    elif isinstance(record.get("prompt"), list):
+        messages, rest = record["prompt"], {k: v for k, v in record.items() if k != "prompt"}
+    elif isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
+        chosen, rejected = record["chosen"], record["rejected"]
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            raise data_error(path, line, "implicit-prompt pair: 'chosen' and 'rejected' must share every message but the last", CHAT_RM_FIX)
+        messages, rest = chosen[:-1], {"chosen": chosen[-1:], "rejected": rejected[-1:]}
+    else:
+        return None
+    check_messages(messages, path, line, "prompt" if "messages" not in record else "messages")
+    if messages[-1]["role"] == "assistant":
+        raise data_error(path, line, "the prompt conversation ends with an assistant turn; the replies to rank come after it", CHAT_RM_FIX)
+    plain = dict(rest, prompt="(chat)")
+    for key in ("chosen", "rejected"):
+        if key in plain:
+            plain[key] = _assistant_text(plain[key], key, path, line)
+    if isinstance(plain.get("responses"), list):
+        plain["responses"] = [_assistant_text(r, f"responses[{i}]", path, line) for i, r in enumerate(plain["responses"])]
+    return messages, plain
 
 
 def parse_comparison(record: dict, path, line: int) -> Tuple[str, List[str], List[int]]:
@@ -165,20 +215,23 @@ def _check_identical(responses: List[str], ranks: List[int], fail) -> None:
                        'give identical responses the same rank (a tie, with "ranking"), or drop one')
 
 
-def fit_comparison(prompt_len: int, longest: int, seq_length: int, truncation: str) -> Tuple[str, int]:
+def fit_comparison(prompt_len: int, longest: int, seq_length: int, truncation: str, bos: int = 1) -> Tuple[str, int]:
     """How one comparison fits ``seq_length`` -> ``(outcome, prompt tokens kept)``.
 
     ``longest`` is the longest response in tokens, eos included; the sequence is
     ``[bos] + prompt + response``. ``outcome`` is "fits", "truncated" (``prompt_left`` cut
     the oldest prompt tokens), "dropped", or "error" (too long under ``truncation=error``).
+    ``bos``: 1, or 0 for a tokenizer that starts sequences without one.
     Shared by ``load_comparisons`` and ``data-stats`` so their counts agree.
     """
-    if 1 + prompt_len + longest <= seq_length:
+    if bos + prompt_len + longest <= seq_length:
         return "fits", prompt_len
     if truncation == "error":
         return "error", prompt_len
     keep = prompt_keep(prompt_len, longest - 1, seq_length)
-    if truncation == "drop" or 1 + keep + longest > seq_length:
+    if not bos:
+        keep = max(keep, min(1, prompt_len))
+    if truncation == "drop" or bos + keep + longest > seq_length:
         return "dropped", 0
     return "truncated", keep
 
@@ -193,17 +246,26 @@ def load_comparisons(
     check_policy(truncation)
     stats = LoadStats()
     examples = []
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    eos = tokenizer.eos_id
     for line, record in read_jsonl(path, None, RM_FIX):
         stats.records += 1
-        prompt_text, response_texts, ranks = parse_comparison(record, path, line)
-        prompt = tokenizer.encode(prompt_text)
-        responses = [tokenizer.encode(r) + [eos] for r in response_texts]
+        chat = chat_comparison(record, path, line)
+        if chat is not None:  # the template writes bos and the turn markers
+            messages, plain = chat
+            _, response_texts, ranks = parse_comparison(plain, path, line)
+            prompt = chat_prompt_ids(tokenizer, messages, path, line)
+            responses = [reply_ids(tokenizer, messages, r, path, line) for r in response_texts]
+            bos = []
+        else:
+            prompt_text, response_texts, ranks = parse_comparison(record, path, line)
+            prompt = tokenizer.encode(prompt_text)
+            responses = [tokenizer.encode(r) + [eos] for r in response_texts]
+            bos = tokenizer.bos_ids
         longest = max(len(r) for r in responses)  # eos included
-        outcome, keep = fit_comparison(len(prompt), longest, seq_length, truncation)
+        outcome, keep = fit_comparison(len(prompt), longest, seq_length, truncation, len(bos))
         if outcome == "error":
             raise data_error(
-                path, line, f"comparison too long: {1 + len(prompt) + longest} tokens > model.seq_length={seq_length}",
+                path, line, f"comparison too long: {len(bos) + len(prompt) + longest} tokens > model.seq_length={seq_length}",
                 "raise model.seq_length, shorten the example, or set data.truncation=prompt_left (or drop)",
             )
         if outcome == "dropped":
@@ -215,7 +277,7 @@ def load_comparisons(
             stats.truncated += 1
             stats.note(f"{path}:{line}")
         stats.kept += 1
-        examples.append(ComparisonExample([bos, *prompt], responses, ranks))
+        examples.append(ComparisonExample([*bos, *prompt], responses, ranks))
     if not examples:
         raise data_error(path, None, f"every comparison was dropped ({stats})", "raise model.seq_length")
     return examples, stats

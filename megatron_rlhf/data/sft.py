@@ -1,7 +1,9 @@
 """SFT demonstrations: ``{"prompt": str, "response": str}`` per line -> padded batches.
 
 A demonstration becomes ``[bos] + prompt + response + [eos]`` (prompt and response are
-tokenised separately, see ``tokenizer``). The model reads the sequence minus its last
+tokenised separately, see ``tokenizer``; no bos for a tokenizer that adds none). A chat
+line ``{"messages": [...]}`` is rendered by the tokenizer's chat template instead
+(:mod:`.chat`): every assistant turn is a target, everything else is context. The model reads the sequence minus its last
 token and predicts the next token everywhere; ``loss_mask`` is True exactly where that
 TARGET is a response token or the eos, so the prompt and the padding never count::
 
@@ -27,10 +29,14 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .common import LoadStats, batch_width, check_policy, position_ids, prompt_keep
-from .jsonl import data_error, read_jsonl
+from .chat import conversation_segments, is_chat
+from .jsonl import check_fields, data_error, read_jsonl
 from .sampler import epoch_order
 
-SFT_FIX = 'every line needs {"prompt": "<non-empty text>", "response": "<non-empty text>"}'
+SFT_FIX = (
+    'every line needs {"prompt": "<non-empty text>", "response": "<non-empty text>"}, or (with a chat template) '
+    '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}'
+)
 
 
 class SftExample(NamedTuple):
@@ -38,11 +44,15 @@ class SftExample(NamedTuple):
 
     ``prompt_ids`` = [bos] + prompt tokens (no target counts here); ``response_ids`` =
     response tokens + [eos] (every token is a counted target; no eos if truncated).
-    Pretraining chunks use the same type with a one-token "prompt".
+    Pretraining chunks use the same type with a one-token "prompt". A conversation has
+    ``prompt_ids`` up to its first assistant turn and ``response_mask`` (one bool per
+    response id, True = target) marking the later assistant turns among user turns;
+    None means every response id counts.
     """
 
     prompt_ids: List[int]
     response_ids: List[int]
+    response_mask: Optional[List[bool]] = None
 
     @property
     def tokens(self) -> List[int]:
@@ -59,27 +69,64 @@ class SftBatch(NamedTuple):
 
 
 def build_sft_example(
-    prompt_ids: Sequence[int], response_ids: Sequence[int], bos_id: int, eos_id: int, limit: int, truncation: str
+    prompt_ids: Sequence[int], response_ids: Sequence[int], bos_id: Optional[int], eos_id: int, limit: int, truncation: str
 ) -> Tuple[Optional[SftExample], bool]:
     """Apply the truncation policy to one demonstration.
 
+    ``bos_id`` None: the tokenizer starts sequences with no bos (GPT-2, Qwen); the prompt
+    then keeps at least one token, so the first target is always predicted from something.
     Returns ``(example, truncated)``; ``(None, False)`` when it is dropped, and raises a
     plain ``ValueError`` (the caller adds file:line) under ``error``.
     """
-    length = len(prompt_ids) + len(response_ids) + 2
+    bos = [] if bos_id is None else [bos_id]
+    length = len(bos) + len(prompt_ids) + len(response_ids) + 1
     if length <= limit:
-        return SftExample([bos_id, *prompt_ids], [*response_ids, eos_id]), False
+        return SftExample([*bos, *prompt_ids], [*response_ids, eos_id]), False
     if truncation == "error":
         raise ValueError(f"{length} tokens, more than the {limit} that fit (model.seq_length + 1)")
     if truncation == "drop":
         return None, False
     keep = prompt_keep(len(prompt_ids), len(response_ids), limit)
-    prompt = [bos_id, *prompt_ids[len(prompt_ids) - keep :]]
+    if not bos:
+        keep = max(keep, min(1, len(prompt_ids)))
+    prompt = [*bos, *prompt_ids[len(prompt_ids) - keep :]]
     room = limit - len(prompt)
     response = [*response_ids, eos_id][:room]  # the tail, eos included, goes when cut
     if not response:
         return None, False  # limit < 2: no token left to learn
     return SftExample(prompt, response), True
+
+
+def build_chat_example(
+    segments: Sequence[Tuple[Sequence[int], bool]], bos_id: Optional[int], limit: int, truncation: str
+) -> Tuple[Optional[SftExample], bool]:
+    """The truncation policy for a conversation (``chat.conversation_segments``: ``[(ids,
+    is_target), ...]``). ``prompt_left`` drops the oldest context before the first
+    assistant turn (a leading bos stays), keeping a quarter of the budget as for a plain
+    demonstration, then cuts the tail; a conversation left with no target is dropped.
+    """
+    tokens = [t for ids, _ in segments for t in ids]
+    mask = [target for ids, target in segments for _ in ids]
+    first = mask.index(True)
+
+    def example(prompt, rest, rest_mask):
+        return SftExample(list(prompt), list(rest), None if all(rest_mask) else list(rest_mask))
+
+    if len(tokens) <= limit:
+        return example(tokens[:first], tokens[first:], mask[first:]), False
+    if truncation == "error":
+        raise ValueError(f"{len(tokens)} tokens, more than the {limit} that fit (model.seq_length + 1)")
+    if truncation == "drop":
+        return None, False
+    head = 1 if bos_id is not None and tokens[0] == bos_id else 0
+    context, rest, rest_mask = tokens[head:first], tokens[first:], mask[first:]
+    keep = max(prompt_keep(len(context), len(rest), limit - head), 0 if head else min(1, len(context)))
+    prompt = tokens[:head] + context[len(context) - keep :]
+    room = max(limit - len(prompt), 0)
+    rest, rest_mask = rest[:room], rest_mask[:room]
+    if not any(rest_mask):
+        return None, False
+    return example(prompt, rest, rest_mask), True
 
 
 def load_sft(path, tokenizer, seq_length: int, truncation: str = "prompt_left") -> Tuple[List[SftExample], LoadStats]:
@@ -98,13 +145,18 @@ def load_sft(path, tokenizer, seq_length: int, truncation: str = "prompt_left") 
     stats = LoadStats()
     examples = []
     limit = seq_length + 1
-    for line, record in read_jsonl(path, {"prompt": str, "response": str}, SFT_FIX):
+    for line, record in read_jsonl(path, None, SFT_FIX):
         stats.records += 1
-        prompt, response = tokenizer.encode(record["prompt"]), tokenizer.encode(record["response"])
         try:
-            example, truncated = build_sft_example(
-                prompt, response, tokenizer.bos_id, tokenizer.eos_id, limit, truncation
-            )
+            if is_chat(record):
+                segments = conversation_segments(tokenizer, record["messages"], path, line)
+                example, truncated = build_chat_example(segments, tokenizer.bos_id, limit, truncation)
+            else:
+                check_fields(record, {"prompt": str, "response": str}, path, line, SFT_FIX)
+                prompt, response = tokenizer.encode(record["prompt"]), tokenizer.encode(record["response"])
+                example, truncated = build_sft_example(
+                    prompt, response, tokenizer.bos_id, tokenizer.eos_id, limit, truncation
+                )
         except ValueError as exc:
             raise data_error(
                 path, line, f"demonstration too long: {exc}",
@@ -144,7 +196,11 @@ def collate_sft(
         tokens[row, :n] = sequence[:-1]
         labels[row, :n] = sequence[1:]
         # label t is sequence[t + 1]: it is a response token iff t + 1 >= len(prompt_ids)
-        loss_mask[row, len(example.prompt_ids) - 1 : n] = True
+        start = len(example.prompt_ids) - 1
+        if example.response_mask is None:
+            loss_mask[row, start:n] = True
+        else:
+            loss_mask[row, start:n] = torch.as_tensor(example.response_mask[: n - start], dtype=torch.bool)
     return SftBatch(tokens, labels, loss_mask, position_ids(len(examples), width))
 
 
@@ -170,4 +226,4 @@ class SftDataset:
 
     def num_tokens(self) -> int:
         """Counted target tokens over the whole dataset (for logging)."""
-        return sum(len(e.response_ids) for e in self.examples)
+        return sum(len(e.response_ids) if e.response_mask is None else sum(e.response_mask) for e in self.examples)

@@ -1,7 +1,9 @@
 """One builder for every model of the pipeline: policy, reference, reward model, critic.
 
 A Megatron-Core ``GPTModel`` in two flavours (GPT-2: LayerNorm, GELU, learned positions,
-tied embeddings; Llama: RMSNorm, SwiGLU, RoPE, grouped-query attention, untied), with
+tied embeddings; Llama: RMSNorm, SwiGLU, RoPE, grouped-query attention, untied; with the
+options of Llama-3.x, Mistral, Qwen2 and Qwen3: Llama-3 RoPE scaling, any head size, q/k/v
+biases, QK-norm, tied embeddings), with
 either Transformer Engine's layer spec (GPU; BF16 and FP8) or Megatron's local spec with
 our SDPA core attention (any device). The reward model and critic are the same network
 with the unembedding replaced by a scalar head (:class:`ScalarHead`).
@@ -10,6 +12,7 @@ with the unembedding replaced by a scalar head (:class:`ScalarHead`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -23,6 +26,38 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_rlhf.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rlhf.models.attention import SDPAttention
 from megatron_rlhf.models.sizing import ffn_hidden_size, padded_vocab_size, tied_embeddings  # noqa: F401 (the builder's sizing rules)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: GPT-2's (Hugging Face ``gelu_new``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def head_dim(model: ModelConfig) -> int:
+    return model.head_dim or model.hidden_size // model.num_attention_heads
+
+
+def llama3_inv_freq(dim: int, base: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama-3.1's scaling (``rope_type: llama3``), fp32 ``[dim/2]``.
+
+    Plain RoPE has ``f_i = base^(-2i/dim)``, wavelength ``w_i = 2 pi / f_i``. With
+    ``L = original_max_position_embeddings``: ``w_i < L/high_freq_factor`` keeps ``f_i``;
+    ``w_i > L/low_freq_factor`` uses ``f_i/factor``; in between it interpolates with
+    ``s = (L/w_i - low_freq_factor) / (high_freq_factor - low_freq_factor)``:
+    ``(1 - s) f_i/factor + s f_i`` (transformers' ``_compute_llama3_parameters``, in the
+    same float32 operations so the frequencies are bitwise equal). Megatron-Core's own
+    ``rope_scaling`` fixes ``low/high_freq_factor`` = 1/4 and ``L`` = 8192.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def use_transformer_engine(model: ModelConfig) -> bool:
@@ -64,14 +99,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, initialize:
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups or model.num_attention_heads,
         ffn_hidden_size=ffn_hidden_size(model),
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=head_dim(model),
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         layernorm_epsilon=model.norm_epsilon,
         normalization="RMSNorm" if llama else "LayerNorm",
         gated_linear_unit=llama,
-        activation_func=F.silu if llama else F.gelu,
+        activation_func=F.silu if llama else (F.gelu if model.gelu_approximation == "none" else _gelu_tanh),
         add_bias_linear=not llama,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -83,7 +120,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, initialize:
         pipeline_dtype=dtype,
         bf16=precision == "bf16",
         # Fusions that need Apex/TE/CUDA kernels are switched on only where they exist.
-        bias_activation_fusion=te and not llama,
+        bias_activation_fusion=te and not llama and model.gelu_approximation == "none",
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -104,8 +141,8 @@ def layer_spec(model: ModelConfig):
     if use_transformer_engine(model):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.flavour == "llama" else "LayerNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.flavour == "llama" else "LayerNorm", qk_layernorm=model.qk_layernorm)
     # Swap Megatron's DotProductAttention (CUDA RNG tracker, materialised scores) for SDPA.
     attention = spec.submodules.self_attention.submodules
     spec.submodules.self_attention.submodules = dataclasses.replace(attention, core_attention=SDPAttention)
@@ -173,8 +210,14 @@ def build_model(
         parallel_output=True,
         share_embeddings_and_output_weights=tied and not scalar_head,
         position_embedding_type="rope" if model.flavour == "llama" else "learned_absolute",
-        rotary_base=int(model.rotary_base),
+        rotary_base=model.rotary_base,
     )
+    if model.rope_scaling == "llama3" and getattr(gpt, "rotary_pos_emb", None) is not None:
+        # set before any forward (RotaryEmbedding caches its output per length)
+        gpt.rotary_pos_emb.inv_freq = llama3_inv_freq(
+            head_dim(model), model.rotary_base, model.rope_scaling_factor, model.rope_low_freq_factor,
+            model.rope_high_freq_factor, model.rope_original_max_position_embeddings,
+        ).to(gpt.rotary_pos_emb.inv_freq.device)
     if scalar_head and gpt.post_process:
         gpt.output_layer = ScalarHead(model.hidden_size, model.init_method_std, sequence_parallel=config.sequence_parallel)
     if torch.cuda.is_available():
