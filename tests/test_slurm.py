@@ -85,14 +85,9 @@ def test_175b_configs_are_gpt3_175b_with_fp8_dist_opt_recompute():
             for st in ("sft", "rm", "ppo")] == [True, True, False]
 
 
-# stages/ppo.py does not take ppo.reward_fn (or GRPO/RLOO) yet: issue 16, the RL recipe on the new loop.
-# strict: once it does, this marker fails and must go.
-_NOT_YET = {"examples/tiny/grpo.yaml": pytest.mark.xfail(strict=True, reason="the RL stage does not take ppo.reward_fn yet (issue 16)")}
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=_NOT_YET[p]) if p in _NOT_YET else p for p in EXAMPLES])
-def test_every_example_config_passes_its_stages_own_checks(path):
-    """The checks a stage makes on the config before it builds anything (the same functions
+@pytest.mark.parametrize("path", EXAMPLES)
+def test_every_example_config_passes_its_recipes_own_checks(path):
+    """The checks a recipe makes on the config before it builds anything (the same functions
     its run() calls first): an example they refuse would fail on a cluster only once the
     allocation has started."""
     import yaml
@@ -162,7 +157,7 @@ def test_dry_run_other_sizes_and_bad_layouts():
 
 
 def test_pp_warning_matches_what_the_ppo_stage_accepts():
-    """The dry run warns about PP>1 for PPO exactly when stages/ppo.py refuses PP>1 at start
+    """The dry run warns about PP>1 for PPO exactly when recipes/ppo.py refuses PP>1 at start
     (since pipelined rollouts landed: neither does)."""
     from megatron_rlhf.recipes.ppo import PPORecipe
 
