@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
-STAGE_ORDER = ("sft", "rm", "ppo")
+STAGE_ORDER = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")
 # The metric contract of each stage, in panel order; other numeric keys get
 # generic panels after these.
 KNOWN_METRICS = {
@@ -30,13 +30,20 @@ KNOWN_METRICS = {
     "ppo": ("rollout/reward", "rollout/kl", "rollout/response_length", "policy/clipfrac",
             "policy/approx_kl", "policy/entropy", "value/loss", "ptx/loss",
             "time/generate_s", "time/score_s", "time/train_s", "tokens_per_s"),
+    # DPO logs the RM's metrics, of the implicit reward beta * (log pi - log pi_ref)
+    "dpo": ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy",
+            "eval/chosen_reward", "eval/rejected_reward", "eval/margin"),
+    # critic-free RL: no value head; the KL is a loss term when ppo.kl_in_reward=false
+    "grpo": ("rollout/reward", "rollout/kl", "rollout/response_length", "policy/clipfrac", "policy/kl_loss",
+             "policy/entropy", "time/generate_s", "time/score_s", "time/train_s", "tokens_per_s"),
 }
+KNOWN_METRICS["rloo"] = KNOWN_METRICS["grpo"]
 TITLES = {
     "train/loss": "training loss", "eval/loss": "held-out loss", "lr": "learning rate",
     "tokens_per_s": "throughput (tokens/s)", "train/accuracy": "training pair accuracy",
     "eval/accuracy": "held-out pair accuracy", "eval/chosen_reward": "reward of chosen",
     "eval/rejected_reward": "reward of rejected", "eval/margin": "chosen - rejected reward",
-    "rollout/reward": "mean RM score of rollouts", "rollout/kl": "KL(policy || SFT)",
+    "rollout/reward": "mean reward of rollouts", "policy/kl_loss": "KL to the reference (loss term)", "rollout/kl": "KL(policy || SFT)",
     "rollout/response_length": "response length (tokens)", "policy/clipfrac": "PPO clip fraction",
     "policy/approx_kl": "approx. KL per update", "policy/entropy": "policy entropy",
     "value/loss": "value-head loss", "ptx/loss": "pretraining-mix (ptx) loss",
