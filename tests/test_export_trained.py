@@ -129,7 +129,11 @@ def test_damaged_shard_fails_in_one_line_and_leaves_no_folder(pipeline, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(shard) in err[0] and "truncated" in err[0] and "copy the checkpoint again" in err[0], err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
-    # the run folder itself: no complete checkpoint left, said as such
+    # the run folder (whose `latest` names the damaged checkpoint): the same line
+    assert _to_hf(run, out, "--no-progress") == 2
+    assert capsys.readouterr().err.strip().splitlines() == err
+    # without `latest` the run folder has no complete checkpoint left, said as such
+    (run / "checkpoints" / "latest").unlink()
     assert _to_hf(run, out, "--no-progress") == 2
     err = capsys.readouterr().err
     assert "none is complete" in err and str(shard) in err

@@ -257,32 +257,76 @@ def _rerun(roots):
     return out
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+def _zygote():
+    """Import once, then fork one process per line of stdin: "save ROOT LOG" runs
+    :func:`_saver_loop` (the test SIGKILLs it), "rerun OUT ROOT..." runs :func:`_rerun` and
+    writes its result to OUT. Prints each child's pid. (Forking from one warm interpreter
+    keeps the test to one Python start-up instead of one per seed.)"""
+    from megatron_rlhf.training import checkpoint  # noqa: F401  (the slow imports, once)
+    from megatron_rlhf.models import builder  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.environ["MASTER_PORT"] = str(free_port())
+                if cmd == "save":
+                    _saver_loop(*args)
+                else:
+                    torch.save(_rerun(args[1:]), args[0] + ".tmp")
+                    os.replace(args[0] + ".tmp", args[0])
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        print(pid, flush=True)
 
 
-@pytest.mark.parametrize("seeds", [(1, 2, 3)])
+@pytest.mark.parametrize("seeds", [(1, 5, 7)])  # the kill after save 1, 3, 2 (see the loop)
 def test_sigkill_at_random_moments_of_saves(tmp_path, seeds):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    zygote = subprocess.Popen([sys.executable, "-c", "from test_reliability_checkpoint import _zygote; _zygote()"], cwd=ROOT, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def fork(*words) -> int:
+        zygote.stdin.write(" ".join(map(str, words)) + "\n")
+        zygote.stdin.flush()
+        return int(zygote.stdout.readline())
+
     roots = []
-    for seed in seeds:
-        root, log = tmp_path / f"seed{seed}", tmp_path / f"seed{seed}.log"
-        code = f"from test_reliability_checkpoint import _saver_loop; _saver_loop({str(root)!r}, {str(log)!r})"
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stderr=subprocess.DEVNULL)
-        # the kill lands at a random moment of the save after the k-th (k random in 1..3)
-        rng = random.Random(seed)
-        saves_before = rng.randint(1, 3)
+    try:
+        for seed in seeds:
+            root, log = tmp_path / f"seed{seed}", tmp_path / f"seed{seed}.log"
+            pid = fork("save", root, log)
+            # the kill lands at a random moment of the save after the k-th (k random in 1..3)
+            rng = random.Random(seed)
+            saves_before = rng.randint(1, 3)
+            deadline = time.time() + 120
+            while not (log.is_file() and len(log.read_text().splitlines()) > saves_before):
+                assert time.time() < deadline, "the saver did not save"
+                time.sleep(0.01)
+            last_save_s = float(log.read_text().splitlines()[-1].split()[2])
+            time.sleep(rng.uniform(0.0, 1.2) * last_save_s)
+            os.kill(pid, signal.SIGKILL)
+            done = [tuple(map(int, line.split()[:2])) for line in log.read_text().splitlines()[1:]]
+            roots.append((root, done))
+        result = tmp_path / "rerun.pt"
+        fork("rerun", result, *[r for r, _ in roots])
         deadline = time.time() + 120
-        while not (log.is_file() and len(log.read_text().splitlines()) > saves_before):
-            assert proc.poll() is None and time.time() < deadline, "the saver did not start"
-            time.sleep(0.01)
-        last_save_s = float(log.read_text().splitlines()[-1].split()[2])
-        time.sleep(rng.uniform(0.0, 1.2) * last_save_s)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        done = [tuple(map(int, line.split()[:2])) for line in log.read_text().splitlines()[1:]]
-        roots.append((root, done))
-    rows = run_single(_rerun, [str(r) for r, _ in roots])
+        while not result.is_file():
+            assert time.time() < deadline, "the rerun did not finish"
+            time.sleep(0.05)
+        rows = torch.load(result, weights_only=False)
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=30)
     print()
     for (root, done), row in zip(roots, rows):
         last_n, last_v = done[-1]

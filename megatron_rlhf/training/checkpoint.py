@@ -69,8 +69,9 @@ def iter_name(iteration: int) -> str:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a run's output_dir, its ``checkpoints/`` folder, its ``latest``/``best`` file or
-    one ``iter_N`` folder. A folder resolves to its newest complete checkpoint
-    (:func:`find_resume_checkpoint`), whatever ``latest`` says."""
+    one ``iter_N`` folder. A folder resolves to the checkpoint ``latest`` names; without a
+    usable ``latest``, to its newest complete checkpoint (with a warning). The consumer
+    checks the networks it reads (a damaged one is named, not silently replaced)."""
     p = Path(path)
     if p.is_file() and p.name in (LATEST, BEST):
         return _follow(p)
@@ -79,6 +80,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / "meta.json").is_file():
         return p
     for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            try:
+                return _follow(root / LATEST)
+            except CheckpointError:
+                pass
         if (root / LATEST).is_file() or _iteration_folders(root):
             found = _newest_complete(root, _say, "Copy the run again, or give a checkpoint saved elsewhere")
             if found is not None:
@@ -210,7 +216,7 @@ def _newest_complete(root: Path, warn: Callable[[str], None], fix: str) -> Optio
     if chosen is None:
         raise CheckpointError(f"{root} holds checkpoint folders but none is complete: {'; '.join(skipped)}. {fix}")
     if skipped:
-        warn(f"skipping damaged checkpoint(s) {'; '.join(skipped)}; resuming from {chosen}, the newest complete one")
+        warn(f"skipping damaged checkpoint(s) {'; '.join(skipped)}; using {chosen}, the newest complete one")
     hint = root / LATEST
     named = hint.read_text().strip() if hint.is_file() else None
     if named is None:
