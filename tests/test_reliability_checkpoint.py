@@ -360,7 +360,7 @@ def test_checkpoint_kinds_are_checked_with_a_fix():
     assert network_kind(old_ppo, "critic") == "critic" and network_kind(old_ppo, "actor") == "policy"
     assert check_kind(Path("runs/rm"), rm, ("policy", "reward")) == "model"
     assert check_kind(Path("old"), {"networks": ["model"]}, "reward") == "model"  # no kind recorded: passes
-    with pytest.raises(CheckpointError, match=r"ppo.reward_model=runs/sft is a policy .*written by a sft run, not a reward model \(an RM run\)"):
+    with pytest.raises(CheckpointError, match=r"ppo.reward_model=runs/sft is a policy .*stage=sft, network model\], not a reward model \(an RM run\); give ppo.reward_model"):
         check_kind(Path("runs/sft"), sft, "reward", what="ppo.reward_model")
     with pytest.raises(CheckpointError, match=r"model.init_from=runs/rm is a reward model .*not a policy"):
         check_kind(Path("runs/rm"), rm, "policy")

@@ -137,8 +137,9 @@ def dist_checkpoint_problem(path: Path, keep: Optional[Callable[[str], bool]] = 
         return f"{path} is missing"
     if not (path / ".metadata").is_file():
         return f"{path / '.metadata'} is missing"
-    if need_common and not (path / "metadata.json").is_file():
-        return f"{path / 'metadata.json'} is missing"
+    for name in ("metadata.json", "common.pt") if need_common else ():  # Megatron's own, read on every load
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as exc:  # a truncated or garbled pickle: any unpickling error
@@ -270,7 +271,7 @@ def check_kind(ckpt: Path, meta: dict, expected: Union[str, Sequence[str]], what
     if kind is None or kind in wanted:
         return network
     stage = meta.get("stage")
-    have = _KIND_WORDS.get(kind, kind) + (f", written by a {stage} run" if stage else "")
+    have = _KIND_WORDS.get(kind, kind) + (f" [meta.json: stage={stage}, network {network}]" if stage else "")
     raise CheckpointError(
         f"{what}={ckpt} is {have}, not {' or '.join(_KIND_WORDS.get(k, k) for k in wanted)}; "
         f"give {what} a checkpoint of the right kind"
