@@ -144,7 +144,7 @@ def test_damaged_shard_fails_in_one_line_and_leaves_no_folder(pipeline, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
 
 
-def test_failure_mid_export_keeps_the_previous_folder(pipeline, tmp_path, monkeypatch):
+def test_failure_mid_export_keeps_the_previous_folder(pipeline, tmp_path, monkeypatch, capsys):
     """A failure while writing (here: the third tensor) leaves neither a partial folder nor a
     damaged previous export (--overwrite replaces it only once the new one is complete)."""
     from megatron_rlhf.convert import to_hf
@@ -166,6 +166,11 @@ def test_failure_mid_export_keeps_the_previous_folder(pipeline, tmp_path, monkey
     with pytest.raises(OSError, match="No space"):
         to_hf.convert_to_hf(pipeline["root"] / "sft", tmp_path / "new", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    capsys.readouterr()
+    assert _to_hf(pipeline["root"] / "sft", out, "--overwrite", "--no-progress") == 2  # the command line: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and f"{out} was left as it was" in err[0], err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.setattr(to_hf, "hf_tensors", real)
     to_hf.convert_to_hf(pipeline["root"] / "sft", out, overwrite=True, progress=False)

@@ -38,7 +38,6 @@ import random
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -228,18 +227,22 @@ def _newest_complete(root: Path, warn: Callable[[str], None], fix: str) -> Optio
 
 
 def start_over(checkpoints_dir: str | os.PathLike) -> Optional[Path]:
-    """``train.restart=true``: move ``checkpoints_dir`` aside (to ``checkpoints.before-restart-<time>``)
+    """``train.restart=true``: move ``checkpoints_dir`` aside (to ``checkpoints.before-restart-K``)
     so the new run's steps cannot mix with the old run's; returns where it went (None: nothing
     to move). Every rank must call it."""
     root = Path(checkpoints_dir)
     aside = None
     if root.is_dir() and any(root.iterdir()):
-        aside = root.with_name(f"{root.name}.before-restart-{time.strftime('%Y%m%d-%H%M%S')}")
-        if is_rank0():
-            os.replace(root, aside)
-            root.mkdir()
-            _fsync_dir(root.parent)
-            _say(f"train.restart=true: moved the previous checkpoints to {aside}")
+        k = 1
+        while root.with_name(f"{root.name}.before-restart-{k}").exists():
+            k += 1
+        aside = root.with_name(f"{root.name}.before-restart-{k}")
+    barrier()  # every rank has chosen the same name before rank 0 moves anything
+    if is_rank0() and aside is not None:
+        os.replace(root, aside)
+        root.mkdir()
+        _fsync_dir(root.parent)
+        _say(f"train.restart=true: moved the previous checkpoints to {aside}")
     barrier()
     return aside
 
@@ -264,6 +267,8 @@ def check_kind(ckpt: Path, meta: dict, expected: Union[str, Sequence[str]], what
     kind passes (written before kinds were recorded).
     """
     wanted = (expected,) if isinstance(expected, str) else tuple(expected)
+    if not set(wanted) <= set(KINDS):
+        raise ValueError(f"expected kinds {wanted}: each must be one of {KINDS}")
     networks = meta.get("networks") or ["model"]
     if network is None:
         network = next((n for n in ("model", "actor") if n in networks), networks[0])
