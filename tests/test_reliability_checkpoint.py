@@ -205,7 +205,7 @@ def test_resume_discovery_and_a_failure_at_every_step_of_a_save(tmp_path):
         else:  # the re-save of iter_2: either copy, never none
             assert r["found"].startswith("iter_0000002") and r["found_value"] in (2.0, 2.5), r
             assert r["best"].startswith("iter_0000002") and r["best_value"] in (2.0, 2.5), r
-        assert not [n for n in r["after_next_save"] if n.endswith(".old")], r
+        assert not [n for n in r["after_next_save"] if n.endswith((".old", ".tmp"))], r
         assert "iter_0000004" in r["after_next_save"], r
 
 
@@ -341,7 +341,7 @@ def test_sigkill_at_random_moments_of_saves(tmp_path, seeds):
         if found_n == last_n:
             assert row["value"] >= last_n * 10 + last_v, row
         assert row["best_value"] == row["best_meta_value"], row
-        assert not [n for n in row["after"] if n.endswith(".old")], row["after"]
+        assert not [n for n in row["after"] if n.endswith((".old", ".tmp"))], row["after"]
 
 
 # ----------------------------------------------------------------------------- kinds

@@ -344,8 +344,6 @@ def save_checkpoint(
     if is_rank0():
         root.mkdir(parents=True, exist_ok=True)
         repair_interrupted_saves(root)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a previous save of this step that was interrupted
         for name in networks:
             (tmp / name).mkdir(parents=True, exist_ok=True)
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
@@ -385,8 +383,11 @@ def save_checkpoint(
 
 
 def repair_interrupted_saves(root: Path) -> None:
-    """Finish what a killed re-save left (rank 0): ``iter_N.old`` beside a committed ``iter_N``
-    is deleted; without one it is renamed back (the re-save never committed)."""
+    """Finish what a killed save left (rank 0, before writing): ``iter_N.tmp`` never committed
+    and is deleted; ``iter_N.old`` beside a committed ``iter_N`` is deleted; without one it is
+    renamed back (the re-save never committed)."""
+    for tmp in sorted(Path(root).glob("iter_*.tmp")):
+        shutil.rmtree(tmp)
     for old in sorted(Path(root).glob("iter_*.old")):
         final = old.with_name(old.name[: -len(".old")])
         if final.exists():
