@@ -164,6 +164,10 @@ class TrainConfig:
     # point checkpoints/best at it (later stages can start from <run>/checkpoints/best)
     select_best: bool = True
     keep_last: int = 0  # keep only this many newest checkpoints (0: all); "best" is always kept
+    # Start from step 0 although output_dir holds checkpoints (they are set aside, not
+    # deleted). Without it a run resumes from the newest complete checkpoint, and refuses to
+    # start over on top of checkpoint folders none of which is usable.
+    restart: bool = False
     log_interval: int = 1
     seed: int = 1234
     tensorboard: bool = True

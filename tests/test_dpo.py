@@ -135,7 +135,7 @@ def test_bad_inputs_have_clear_errors(sft, tmp_path):
     (fake / "meta.json").write_text(json.dumps(dict(meta, kind="reward")))
     (fake.parent / "latest").write_text("iter_0000001\n")
     r = dpo(f"output_dir={tmp_path / 'o4'}", f"model.init_from={tmp_path / 'rm'}")
-    assert r.returncode == 2 and "is a 'reward' checkpoint; it must be a policy" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "is a reward model (an RM run)" in r.stderr and "not a policy" in r.stderr, r.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ TP / PP equivalence

@@ -14,6 +14,11 @@ it must be added). PPO checkpoints hold "actor" (default) and "critic": pick wit
 generation_config.json and tokenizer files (a Hugging Face tokenizer: its tokenizer.json and
 a tokenizer_config.json with its chat template; a SentencePiece one: tokenizer.model, a
 tokenizer.json reproducing it and tokenizer_config.json). Memory: about one layer at a time.
+
+Only the weights are read: the optimizer state every training checkpoint holds is left
+alone. The folder is written beside OUT_DIR and renamed into place at the end, so a failure
+(a damaged checkpoint, a full disk) leaves no partial OUT_DIR and, with --overwrite, the
+previous export intact. Errors print one line and exit 2.
 """
 import argparse
 import os
@@ -46,6 +51,11 @@ def main(argv=None) -> int:
                           tokenizer=args.tokenizer, overwrite=args.overwrite, progress=not args.no_progress)
     except (ConversionError, CheckpointError) as exc:
         print(f"convert_to_hf: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permissions: nothing was written to OUT_DIR
+        where = exc.filename or args.out_dir
+        print(f"convert_to_hf: error: {where}: {exc.strerror or exc}; {args.out_dir} was left as it was "
+              f"(free space, fix permissions or choose another OUT_DIR)", file=sys.stderr)
         return 2
     print(f"wrote {s['out_dir']}: {s['architecture']}, {s['dtype']}, {len(s['files'])} safetensors file(s), {s['bytes'] / 1e9:.2f} GB")
     if s["score_bias"] is not None:

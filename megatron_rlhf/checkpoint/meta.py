@@ -15,11 +15,10 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from megatron_rlhf.checkpoint.io import CheckpointError, load_weights, read_meta, resolve_checkpoint
+from megatron_rlhf.checkpoint.io import KINDS, CheckpointError, check_kind, load_weights, read_meta, resolve_checkpoint
 from megatron_rlhf.config import ARCHITECTURE_FIELDS, Config, ModelConfig, ParallelConfig
 from megatron_rlhf.data import Tokenizer
 
-KINDS = ("policy", "reward")
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -41,15 +40,6 @@ def checkpoint_meta(cfg: Config, tokenizer: Tokenizer, kind: str, **extra) -> di
 def policy_network(meta: dict) -> str:
     """The network holding the policy: ``actor`` in a PPO checkpoint, else ``model``."""
     return "actor" if "actor" in meta.get("networks", []) else "model"
-
-
-def check_kind(ckpt: Path, meta: dict, expected: str, what: str) -> None:
-    """Refuse a checkpoint of the wrong kind, naming the config key and what it should be."""
-    kind = meta.get("kind", "policy")
-    if kind == expected:
-        return
-    want = {"policy": "a policy (an SFT or PPO run)", "reward": "a reward model (the output of `megatron-rlhf rm`)"}[expected]
-    raise CheckpointError(f"{what}={ckpt} is a {kind!r} checkpoint; it must be {want}")
 
 
 def check_compatible(ckpt: Path, cfg: Config, tokenizer: Tokenizer, what: str = "model.init_from", model: Optional[ModelConfig] = None) -> dict:

@@ -21,6 +21,8 @@ buffer, not the model. The vocabulary padding is stripped.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -57,12 +59,31 @@ def open_network(ckpt: Path, meta: dict, network: str) -> DistCheckpointReader:
             f"partial checkpoint: {path} {state} although meta.json lists networks {listed or '?'} "
             f"(an interrupted copy?); use a complete checkpoint"
         )
-    reader = DistCheckpointReader(path)
+    try:
+        reader = DistCheckpointReader(path)
+    except Exception as exc:  # a truncated or garbled .metadata: any unpickling error
+        raise ConversionError(f"damaged checkpoint: {path / '.metadata'} is unreadable ({type(exc).__name__}); {_DAMAGED_FIX}") from None
     files = {info.relative_path for info in reader.metadata.storage_data.values()}
     lost = sorted(f for f in files if not (path / f).is_file())
     if lost:
         raise ConversionError(f"partial checkpoint: {path} lacks data file(s) {', '.join(lost[:4])} named in its .metadata")
+    problem = ckpt_lib.dist_checkpoint_problem(path, keep=lambda key: not key.startswith(OPTIMIZER_PREFIX), need_common=False)
+    if problem:
+        raise ConversionError(f"damaged checkpoint: {problem}; {_DAMAGED_FIX}")
     return reader
+
+
+_DAMAGED_FIX = "copy the checkpoint again, or export an earlier one (an iter_N folder under checkpoints/)"
+
+
+# Training saves each network as {"model": weights, "optimizer": state}; Megatron keys the
+# optimizer's tensors (Adam moments, fp32 master copies, distributed-optimizer buffers) under
+# this prefix, and export reads only the weights.
+OPTIMIZER_PREFIX = "optimizer."
+
+
+def weight_keys(reader: DistCheckpointReader) -> list:
+    return [k for k in reader.tensors if not k.startswith(OPTIMIZER_PREFIX)]
 
 
 def checkpoint_arch(reader: DistCheckpointReader, meta: dict) -> Arch:
@@ -88,7 +109,7 @@ def checkpoint_arch(reader: DistCheckpointReader, meta: dict) -> Arch:
     wrong = [f"{k}: {reader.shape(k)} vs {v}" for k, v in expected.items() if reader.shape(k) != tuple(v)]
     if wrong:
         raise ConversionError(f"{reader.path} does not match the model config in meta.json: {'; '.join(wrong[:4])}")
-    unknown = [k for k in reader.tensors if k not in expected and not k.startswith("optimizer.")]  # trained: Adam state beside the weights
+    unknown = [k for k in weight_keys(reader) if k not in expected]
     if unknown:
         raise ConversionError(f"{reader.path} has tensors this converter does not know: {', '.join(unknown[:4])}")
     return arch
@@ -206,8 +227,6 @@ def convert_to_hf(
     progress: bool = True,
 ) -> dict:
     """Export; returns a summary (class, dtype, files, RM bias handling, tokenizer check)."""
-    from megatron_rlhf.progress import progress as progress_bar
-
     ckpt = ckpt_lib.resolve_checkpoint(ckpt)
     meta = ckpt_lib.read_meta(ckpt)
     network = network or default_network(meta, ckpt)
@@ -216,26 +235,65 @@ def convert_to_hf(
     tok = checkpoint_tokenizer(ckpt, meta, tokenizer)
     out_dtype = parse_dtype(dtype) or parse_dtype((meta.get("hf_source") or {}).get("torch_dtype")) or reader.dtype(WORD_EMB)
 
-    score_bias = float(reader.read(OUTPUT_B).reshape(-1)[0]) if arch.head == "score" else None
+    score_bias = float(_read_weight(reader)(OUTPUT_B).reshape(-1)[0]) if arch.head == "score" else None
     fold = score_bias if (arch.head == "score" and not arch.llama) else 0.0
     ids = tok.special_ids() if isinstance(tok, HFTokenizer) else special_ids(tok)
     if ids.get("pad") is None:
         ids = dict(ids, pad=tok.pad_id)
-    extra = {"source_checkpoint": str(ckpt.resolve()), "network": network, "kind": meta.get("kind"), "iteration": meta.get("iteration")}
+    extra = {"source_checkpoint": str(ckpt.resolve()), "network": network, "kind": ckpt_lib.network_kind(meta, network), "iteration": meta.get("iteration")}
     cfg = hf_config(arch, meta, ids, out_dtype, None if score_bias is None else (0.0 if fold else score_bias), extra)
     if fold:
         extra["score_bias_folded_into"] = "transformer.ln_f.bias"
         extra["score_bias"] = score_bias
 
     out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, overwrite)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"output {out_dir} is a file; give a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"output folder {out_dir} is not empty; choose another or pass --overwrite")
+    # Written beside the target and renamed in at the end: a failure leaves no partial folder.
+    final_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    prepare_out_dir(out_dir, overwrite=True)
+    try:
+        summary = _write_hf_folder(out_dir, reader, arch, meta, tok, cfg, ids, out_dtype, score_bias, fold, max_shard_size, progress)
+        _replace_dir(out_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return dict(summary, out_dir=str(final_dir))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is removed only once ``new`` is in place."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_weight(reader: DistCheckpointReader):
+    def read(key, index=None):
+        try:
+            return reader.read(key, index)
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"damaged checkpoint: reading {key} from {reader.path} failed ({type(exc).__name__}: {str(exc)[:100]}); {_DAMAGED_FIX}") from None
+
+    return read
+
+
+def _write_hf_folder(out_dir, reader, arch, meta, tok, cfg, ids, out_dtype, score_bias, fold, max_shard_size, progress) -> dict:
+    from megatron_rlhf.progress import progress as progress_bar
+
     entries = [(name, shape, out_dtype) for name, shape in hf_shapes(arch)]
     shards = plan_shards(entries, parse_size(max_shard_size))
     names = [SINGLE_NAME] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     where = {e[0]: s for s, shard in enumerate(shards) for e in shard}
     writers = {}
     bar = progress_bar(total=len(entries), desc="convert_to_hf", unit="tensor", enable=progress)
-    for name, tensor in hf_tensors(arch, reader.read, score_bias_into_final_norm=fold):
+    for name, tensor in hf_tensors(arch, _read_weight(reader), score_bias_into_final_norm=fold):
         s = where[name]
         if s not in writers:
             for done in [k for k in writers if k < s]:

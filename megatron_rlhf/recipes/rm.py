@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron_rlhf.algorithms.ranking import RankingPairs, build_ranking_pairs, ranking_report
-from megatron_rlhf.checkpoint import check_compatible, load_checkpoint, policy_network, read_meta, resolve_checkpoint, save_checkpoint
+from megatron_rlhf.checkpoint import check_compatible, check_kind, load_checkpoint, network_kind, read_meta, resolve_checkpoint, save_checkpoint
 from megatron_rlhf.checkpoint.io import load_weights
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import ComparisonBatch, ComparisonExample, collate_comparisons, load_comparisons
@@ -152,10 +152,10 @@ def run(cfg: Config) -> dict:
     if cfg.model.init_from:
         init = resolve_checkpoint(cfg.model.init_from)
         meta = check_compatible(init, cfg, ctx.tokenizer)
-        if meta.get("kind") == "reward":  # continue from a reward model: keep its head
-            load_weights(model, init, name="model")
-        else:  # an SFT policy (or PPO actor): its unembedding gives way to the fresh scalar head
-            load_weights(model, init, name=policy_network(meta), skip_output_layer=True)
+        network = check_kind(init, meta, ("policy", "reward"), "model.init_from")
+        # from a reward model: keep its head; from a policy (SFT, PPO actor): its unembedding
+        # gives way to the fresh scalar head
+        load_weights(model, init, name=network, skip_output_layer=network_kind(meta, network) != "reward")
     elif is_rank0():
         print("[rm] model.init_from is not set: the reward model starts from random weights (InstructGPT starts it from the SFT model)")
     # 4. train on eq. 1, select by held-out pairwise accuracy

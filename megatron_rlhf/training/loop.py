@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_rlhf.checkpoint import CheckpointError, checkpoint_meta, iter_name, latest_checkpoint, load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
+from megatron_rlhf.checkpoint import CheckpointError, checkpoint_meta, start_over, iter_name, latest_checkpoint, load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import Tokenizer, epoch_order
 from megatron_rlhf.parallel import LaunchEnv, all_reduce, init_distributed, is_rank0, seed_everything
@@ -72,7 +72,8 @@ def setup(cfg: Config) -> RunContext:
         try:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             notes = [OutputLock(out).acquire()]
-            notes += record_config(cfg, out, resuming=latest_checkpoint(out / "checkpoints") is not None)
+            resuming = not cfg.train.restart and latest_checkpoint(out / "checkpoints") is not None
+            notes += record_config(cfg, out, resuming=resuming)
             for note in filter(None, notes):
                 print(f"[{cfg.stage}] {note}", file=sys.stderr, flush=True)
         except (ConfigError, OSError) as exc:
@@ -82,6 +83,8 @@ def setup(cfg: Config) -> RunContext:
         raise error
     if not started:
         raise ConfigError(f"rank 0 could not take {out} (see its error)")
+    if cfg.train.restart:
+        start_over(out / "checkpoints")  # the old checkpoints are moved aside, not deleted
     return RunContext(cfg, env, load_tokenizer(cfg), out)
 
 

@@ -1,14 +1,19 @@
 """The output contract's ``metrics.jsonl`` (+ TensorBoard and a progress bar), rank 0 only.
 
-One JSON object per logged step, always with ``"step"``. On resume, lines past the
-checkpoint's step are dropped first, so the file reads as one uninterrupted run.
+One JSON object per logged step, always with ``"step"``. The file is only ever appended
+to or cut at a line boundary, never rewritten. On resume, the lines past the checkpoint's
+step (steps the resumed run will redo) and a torn last line (a kill mid-write) are moved to
+``metrics.discarded.jsonl`` -- appended there after a note saying when and why -- so
+``metrics.jsonl`` reads as one uninterrupted run and nothing is lost.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,8 +29,7 @@ class MetricsLogger:
         if not self.active:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            set_aside_after(self.path, resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -74,7 +78,54 @@ class MetricsLogger:
             self.writer.close()
 
 
+DISCARDED = "metrics.discarded.jsonl"
+
+
+def _parse(line: bytes) -> Optional[dict]:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def set_aside_after(path: Path, resume_step: int) -> int:
+    """Cut ``path`` before its first line that is past ``resume_step`` or unparsable (a torn
+    write), appending that tail to ``metrics.discarded.jsonl`` after a note; returns how many
+    lines moved. The tail is copied and fsynced before ``path`` is truncated."""
+    path = Path(path)
+    data = path.read_bytes()
+    cut, tail = len(data), []
+    offset = 0
+    for raw in data.splitlines(keepends=True):
+        row = _parse(raw)
+        torn = not raw.endswith(b"\n")  # a kill mid-write
+        if raw.strip() and (row is None or torn or row.get("step", 0) > resume_step) and cut == len(data):
+            cut = offset
+        if cut != len(data) and raw.strip():
+            text = raw.decode("utf-8", "replace").rstrip("\n")
+            tail.append(json.dumps(row) if row is not None else json.dumps({"unparsable_line": text}))
+        offset += len(raw)
+    if cut == len(data):
+        return 0
+    note = {"note": f"moved from {path.name} when a run resumed at step {resume_step}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(path.with_name(DISCARDED), "a") as fh:
+        fh.write("".join(line + "\n" for line in [json.dumps(note), *tail]))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.truncate(path, cut)
+    return len(tail)
+
+
 def read_metrics(output_dir: Path, key: Optional[str] = None) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (a torn last line, from a kill mid-write, is skipped)."""
     path = Path(output_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if key is None or key in r]
+    lines = path.read_bytes().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        row = _parse(line)
+        if row is None and line.strip() and number < len(lines):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        if row is not None and (key is None or key in row):
+            rows.append(row)
+    return rows
