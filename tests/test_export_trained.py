@@ -45,7 +45,7 @@ def _our_outputs(root, ids):
     from megatron_rlhf.convert.common import model_config_from_meta
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf import checkpoint as ck
+    from megatron_rlhf.checkpoint import io as ck
 
     init_distributed(ParallelConfig(), ModelConfig())
     out = {}
@@ -90,7 +90,7 @@ def pipeline(tmp_path_factory):
 def test_trained_checkpoint_exports_and_matches(pipeline, name):
     _, run, network, scalar, cls, kinds = next(e for e in EXPORTS if e[0] == name)
     root = pipeline["root"]
-    from megatron_rlhf import checkpoint as ck
+    from megatron_rlhf.checkpoint import io as ck
 
     ckpt = ck.resolve_checkpoint(root / run)
     meta = ck.read_meta(ckpt)

@@ -90,7 +90,7 @@ def _worker_discovery_and_failures(root):
     import os as real_os
     import shutil as real_shutil
 
-    from megatron_rlhf import checkpoint as ck
+    from megatron_rlhf.checkpoint import io as ck
 
     root = Path(root)
     model = _tiny_model()
@@ -215,7 +215,7 @@ def test_resume_discovery_and_a_failure_at_every_step_of_a_save(tmp_path):
 def _saver_loop(root, log):
     """Save iteration n, point best at it, re-save it (as the RM folds its bias), forever;
     append "n version seconds" to ``log`` after each save returns."""
-    from megatron_rlhf import checkpoint as ck
+    from megatron_rlhf.checkpoint import io as ck
 
     model = _tiny_model()
     with open(log, "a") as fh:
@@ -235,7 +235,7 @@ def _saver_loop(root, log):
 def _rerun(roots):
     """What a rerun finds in each killed folder: resume point, its weights, best's, and the
     state after one more save."""
-    from megatron_rlhf import checkpoint as ck
+    from megatron_rlhf.checkpoint import io as ck
 
     model = _tiny_model()
     out = []
