@@ -53,6 +53,12 @@ def check_policy(truncation: str) -> None:
         raise ValueError(f"data.truncation={truncation!r} is not one of {', '.join(TRUNCATION_POLICIES)}")
 
 
+def bos_prefix(tokenizer) -> List[int]:
+    """``[bos_id]``, or ``[]`` for a tokenizer whose sequences start without one (``bos_id`` None):
+    what starts every sequence (any object with ``bos_id`` will do)."""
+    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
 def prompt_keep(prompt_len: int, response_len: int, limit: int) -> int:
     """How many prompt tokens (the newest ones) ``prompt_left`` keeps.
 

@@ -24,6 +24,7 @@ from typing import List, NamedTuple
 
 from ..config import ConfigError
 from .chat import is_chat
+from .common import bos_prefix
 from .chat import prompt_ids as chat_prompt_ids
 from .jsonl import check_fields, data_error, read_jsonl
 from .sft import SftExample
@@ -48,7 +49,7 @@ class PromptRecord(NamedTuple):
     line, so a reference answer can ride along) and its errors name ``path:line``."""
 
     ids: List[int]  # [bos] + prompt tokens
-    text: str  # record["prompt"]
+    text: str  # record["prompt"]; for a chat line, its last user turn (record holds the conversation)
     record: dict  # the JSONL line as read
     path: str
     line: int  # 1-based
@@ -74,9 +75,11 @@ def load_prompt_records(path, tokenizer, max_prompt_len: int) -> List[PromptReco
     for line, record in read_jsonl(path, None, PROMPT_FIX):
         if is_chat(record):  # the conversation so far, rendered up to the assistant header
             ids = chat_prompt_ids(tokenizer, record["messages"], path, line)
+            text = next((m.get("content", "") for m in reversed(record["messages"]) if m.get("role") == "user"), "")
         else:
             check_fields(record, {"prompt": str}, path, line, PROMPT_FIX)
-            ids = [*tokenizer.bos_ids, *tokenizer.encode(record["prompt"])]
+            ids = [*bos_prefix(tokenizer), *tokenizer.encode(record["prompt"])]
+            text = record["prompt"]
         if len(ids) > max_prompt_len:
             raise data_error(
                 path, line,
@@ -84,7 +87,7 @@ def load_prompt_records(path, tokenizer, max_prompt_len: int) -> List[PromptReco
                 "(model.seq_length - ppo.max_new_tokens)",
                 "raise model.seq_length, lower ppo.max_new_tokens, or shorten/remove this prompt",
             )
-        prompts.append(PromptRecord(ids, record["prompt"], record, str(path), line))
+        prompts.append(PromptRecord(ids, text, record, str(path), line))
     return prompts
 
 
@@ -98,7 +101,7 @@ def load_pretrain(path, tokenizer, seq_length: int) -> List[SftExample]:
         raise ValueError(f"seq_length={seq_length} must be >= 1")
     stream: List[int] = []
     for _, record in read_jsonl(path, {"text": str}, TEXT_FIX):
-        stream += [*tokenizer.bos_ids, *tokenizer.encode(record["text"]), tokenizer.eos_id]
+        stream += [*bos_prefix(tokenizer), *tokenizer.encode(record["text"]), tokenizer.eos_id]
     chunks = []
     # chunk c covers stream[c*seq_length : c*seq_length + seq_length + 1]; consecutive
     # chunks overlap by one token so no target is lost at a chunk boundary

@@ -30,7 +30,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .common import LoadStats, check_policy, pad_sequences, prompt_keep
+from .common import LoadStats, bos_prefix, check_policy, pad_sequences, prompt_keep
 from .chat import check_messages, reply_ids
 from .chat import prompt_ids as chat_prompt_ids
 from .jsonl import DataError, check_fields, data_error, read_jsonl
@@ -260,7 +260,7 @@ def load_comparisons(
             prompt_text, response_texts, ranks = parse_comparison(record, path, line)
             prompt = tokenizer.encode(prompt_text)
             responses = [tokenizer.encode(r) + [eos] for r in response_texts]
-            bos = tokenizer.bos_ids
+            bos = bos_prefix(tokenizer)
         longest = max(len(r) for r in responses)  # eos included
         outcome, keep = fit_comparison(len(prompt), longest, seq_length, truncation, len(bos))
         if outcome == "error":

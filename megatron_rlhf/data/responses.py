@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from megatron_rlhf.data.common import LoadStats, prompt_keep
+from megatron_rlhf.data.common import LoadStats, bos_prefix, prompt_keep
 from megatron_rlhf.data.jsonl import data_error, read_jsonl
 from megatron_rlhf.data.tokenizer import Tokenizer
 
@@ -22,13 +22,13 @@ def response_sequence(tokenizer: Tokenizer, prompt: str, response: str, seq_leng
     """
     prompt_ids = tokenizer.encode(prompt)
     response_ids = tokenizer.encode(response)
-    ends = len(tokenizer.bos_ids) + 1  # bos (where the tokenizer has one) and eos
+    ends = len(bos_prefix(tokenizer)) + 1  # bos (where the tokenizer has one) and eos
     if ends + len(prompt_ids) + len(response_ids) > seq_length:
         keep = prompt_keep(len(prompt_ids), len(response_ids), seq_length)
         if ends + keep + len(response_ids) > seq_length:
             return None
         prompt_ids = prompt_ids[len(prompt_ids) - keep :]
-    return [*tokenizer.bos_ids, *prompt_ids, *response_ids, tokenizer.eos_id]
+    return [*bos_prefix(tokenizer), *prompt_ids, *response_ids, tokenizer.eos_id]
 
 
 def load_responses(path, tokenizer: Tokenizer, seq_length: int, skip_too_long: bool = False) -> Tuple[List[dict], List[List[int]], LoadStats]:

@@ -46,6 +46,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import sentencepiece as spm
 
+from .common import bos_prefix
 from .jsonl import DataError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -159,7 +160,7 @@ class Tokenizer:
     @property
     def bos_ids(self) -> List[int]:
         """``[bos_id]``, or ``[]`` where the tokenizer adds no bos: what starts a sequence."""
-        return [] if self.bos_id is None else [self.bos_id]
+        return bos_prefix(self)
 
     def fingerprint(self) -> str:
         """Short sha256 of ``serialized_model()``: equal iff the tokenizers are the same.
