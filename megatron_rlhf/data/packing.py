@@ -6,9 +6,9 @@ so sequence ``i`` occupies ``tokens[0, cu_seqlens[i]:cu_seqlens[i + 1]]``. Atten
 crosses a boundary (``models.attention``: Transformer Engine's THD kernels on GPU, a
 block-diagonal causal mask on CPU), position ids restart at 0 in every sequence, and
 labels and the loss mask are those of each sequence on its own, so the per-token loss is
-the one of the unpacked batch. The padding after the last sequence is one more segment
-(it attends only to itself and counts nowhere), so ``cu_seqlens[-1] == width`` as the
-THD kernels and RoPE's per-sequence split expect::
+the one of the unpacked batch. The padding after the last sequence is cut into more segments, none
+longer than the longest sequence (they attend only to themselves and count nowhere), so
+``cu_seqlens[-1] == width`` as the THD kernels and RoPE's per-sequence split expect::
 
     sequences  a0 a1 a2 | b0 b1 | pad pad pad
     positions   0  1  2 |  0  1 |  0   1   2
@@ -74,16 +74,18 @@ def packed_width(loads: Sequence[int]) -> int:
 
 
 def segments(lengths: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cu_seqlens [n (+1)] int32, position_ids [1, width] long)`` for sequences of
-    ``lengths`` laid end to end in a row of ``width``, the tail padding as a last segment."""
+    """``(cu_seqlens int32, position_ids [1, width] long)`` for sequences of ``lengths``
+    laid end to end in a row of ``width``, then the tail padding as segments of its own."""
     used = sum(lengths)
     if used > width:
         raise ValueError(f"sequences of {used} tokens do not fit a packed row of {width}")
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
-    if used < width:
-        bounds.append(width)
+    # the tail padding in segments no longer than the longest sequence: its position ids stay
+    # within the model's (learned positions) and max_seqlen is the real sequences'
+    while bounds[-1] < width:
+        bounds.append(min(width, bounds[-1] + max(lengths)))
     cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
     positions = torch.cat([torch.arange(b - a, dtype=torch.long) for a, b in zip(bounds, bounds[1:])])
     return cu_seqlens, positions.unsqueeze(0)
@@ -100,8 +102,8 @@ class PackedSftBatch(NamedTuple):
     labels: torch.Tensor  # [1, width] long: the next token within the same sequence
     loss_mask: torch.Tensor  # [1, width] bool: True where the label counts (response + eos)
     position_ids: torch.Tensor  # [1, width] long: 0.. in every sequence
-    cu_seqlens: torch.Tensor  # [n (+1)] int32: sequence boundaries (+ the tail padding)
-    max_seqlen: int  # the longest segment
+    cu_seqlens: torch.Tensor  # int32: the n sequences' boundaries, then the tail padding's
+    max_seqlen: int  # the longest sequence
     num_sequences: int  # real sequences (the tail padding segment not counted)
 
 
@@ -141,7 +143,7 @@ class PackedComparisonBatch(NamedTuple):
     last_index: torch.Tensor  # [N] long: each response's last token in the row
     prompt_of: torch.Tensor  # [N] long: prompt of each response, 0..P-1 within the batch
     ranks: torch.Tensor  # [N] long: rank of each response among its prompt's (1 = best)
-    cu_seqlens: torch.Tensor  # [N (+1)] int32
+    cu_seqlens: torch.Tensor  # int32: the N responses' boundaries, then the tail padding's
     max_seqlen: int
     num_sequences: int  # N
 
@@ -181,8 +183,8 @@ def is_packed(batch) -> bool:
 
 def pack_microbatches(examples: Sequence, unit_length, pack, capacity: int) -> list:
     """``examples`` bin-packed (:func:`first_fit_decreasing`, bins of ``capacity`` tokens)
-    into packed micro-batches of one common width; ``pack(examples, width)`` builds one."""
+    into packed micro-batches of one common width; ``pack(examples, width=...)`` builds one."""
     lengths = [unit_length(e) for e in examples]
     bins = first_fit_decreasing(lengths, capacity)
     width = packed_width([sum(lengths[i] for i in b) for b in bins])
-    return [pack([examples[i] for i in b], width) for b in bins]
+    return [pack([examples[i] for i in b], width=width) for b in bins]

@@ -39,7 +39,7 @@ class SupervisedTask:
     pad_example: Optional[Callable] = None  # example -> the same example contributing nothing (eval padding)
     extra_meta: Optional[Callable] = None  # () -> dict merged into the checkpoint meta
     rows_of: Callable = lambda example: 1  # batch rows of one example (RM: its K responses; K varies)
-    # data.packing: (examples, width) -> one packed micro-batch, and the tokens one example takes in it
+    # data.packing: (examples, width=) -> one packed micro-batch, and the tokens one example takes in it
     pack: Optional[Callable] = None
     unit_length: Optional[Callable] = None
 
@@ -106,8 +106,10 @@ class SupervisedRecipe:
         self.select_metric = task.select_metric if task.valid_examples else None
         self.select_mode = task.select_mode
         self.position = DataPosition()
-        # data.packing: a micro-batch holds up to the tokens of an unpacked one, without padding between examples
-        self.pack_capacity = cfg.train.micro_batch_size * cfg.model.seq_length if cfg.data.packing else None
+        # data.packing: a micro-batch holds up to the tokens of an unpacked one at full width
+        # (micro_batch_size examples of the most rows, seq_length each), with no padding between examples
+        rows = max(task.rows_of(e) for e in task.train_examples)
+        self.pack_capacity = cfg.train.micro_batch_size * rows * cfg.model.seq_length if cfg.data.packing else None
 
     # 1. the next global batch, this rank's share, micro-batches; 2. one optimizer step
     def train_step(self, step: int) -> dict:
