@@ -196,3 +196,66 @@ def test_packed_gives_the_unpacked_loss_gradients_and_rewards(flavour):
     _assert_same(padded, packed)
     assert padded_rewards.std() > 1e-3
     assert (padded_rewards - packed_rewards).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------ TP / PP equivalence
+
+
+def _layout_step(parallel, ckpt_dir, save):
+    """One packed SFT step and one packed RM step at this layout (weights from ``ckpt_dir``)."""
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+
+    from megatron_rlhf import checkpoint as ckpt_lib
+    from megatron_rlhf.config import TrainConfig
+    from megatron_rlhf.data.packing import comparison_unit_length, pack_comparisons, pack_microbatches, pack_sft, sft_unit_length
+    from megatron_rlhf.models.builder import build_model
+    from megatron_rlhf.parallel import init_distributed
+    from megatron_rlhf.recipes import rm, sft
+    from megatron_rlhf.training.step import train_step, wrap_for_training
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    model_cfg = _model_cfg("llama")
+    init_distributed(parallel, model_cfg)
+    train = TrainConfig(lr=1e-3, lr_warmup_steps=0, global_batch_size=4, micro_batch_size=2)
+    results = {}
+    for name, scalar_head, forward, micro in (
+        ("sft", False, partial(sft.forward_step, vocab_size=VOCAB),
+         pack_microbatches(_sft_examples(n=9), sft_unit_length, partial(pack_sft, pad_id=0), SEQ)),
+        ("rm", True, rm.forward_step,
+         pack_microbatches(_rm_examples((2, 3, 4, 2)), comparison_unit_length, partial(pack_comparisons, pad_id=0), 2 * SEQ)),
+    ):
+        model = build_model(model_cfg, parallel, VOCAB, scalar_head=scalar_head, seed=5)
+        if parallel.pipeline_model_parallel_size > 1:
+            model.config.variable_seq_lengths = True  # as the RM recipe does
+        path = Path(ckpt_dir) / name
+        if save:
+            ckpt_lib.save_checkpoint(path, 0, {"model": model}, {"kind": "reward" if scalar_head else "policy"})
+        else:
+            ckpt_lib.load_weights(model, path / ckpt_lib.iter_name(0))
+        ddp, optimizer, scheduler = wrap_for_training(model, parallel, train, total_steps=1)
+        results[name] = (len(micro), train_step(ddp, optimizer, scheduler, micro, forward))
+    return results
+
+
+def _layouts(ckpt_dir):
+    from megatron_rlhf.config import ParallelConfig
+
+    # TP=PP=1 as two data-parallel replicas fed the same micro-batches: the numbers of one
+    reference = _layout_step(ParallelConfig(), ckpt_dir, save=True)
+    tp2 = _layout_step(ParallelConfig(tensor_model_parallel_size=2), ckpt_dir, save=False)
+    pp2 = _layout_step(ParallelConfig(pipeline_model_parallel_size=2), ckpt_dir, save=False)
+    return reference, tp2, pp2
+
+
+def test_packed_steps_at_tp2_and_pp2_match_tp1(tmp_path):
+    for reference, tp2, pp2 in run_distributed(_layouts, 2, str(tmp_path)):
+        assert reference["sft"][0] >= 2 and reference["rm"][0] >= 2  # several packed micro-batches
+        for layout, other in (("tp2", tp2), ("pp2", pp2)):
+            for recipe in ("sft", "rm"):
+                (_, ref), (_, got) = reference[recipe], other[recipe]
+                keys = ("loss", "grad_norm") + (("accuracy", "margin") if recipe == "rm" else ())
+                for key in keys:
+                    assert abs(got[key] - ref[key]) < 1e-5 * max(1.0, abs(ref[key])), (layout, recipe, key, ref[key], got[key])
