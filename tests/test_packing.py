@@ -73,12 +73,13 @@ def test_pack_comparisons_reads_each_response_at_its_own_eos():
     assert batch.ranks.tolist() == [2, 1] and batch.prompt_of.tolist() == [0, 0]
 
 
-def test_block_diagonal_segments():
-    from megatron_rlhf.models.attention import segment_ids
+def test_segment_lengths_checks_cu_seqlens():
+    from megatron_rlhf.models.attention import segment_lengths
 
-    assert segment_ids(torch.tensor([0, 3, 5, 8]), 8, "cpu").tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        segment_ids(torch.tensor([0, 3, 5]), 8, "cpu")
+    assert segment_lengths(torch.tensor([0, 3, 5, 8]), 8) == [3, 2, 3]
+    for bad in ([0, 3, 5], [1, 3, 8], [0, 5, 5, 8]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            segment_lengths(torch.tensor(bad), 8)
 
 
 # ------------------------------------------------------------------ packed == unpacked

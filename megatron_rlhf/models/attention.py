@@ -10,9 +10,9 @@ output ``[sq, b, np * hn]``.
 
 Packed sequences (``data.packing``): with ``packed_seq_params`` (``qkv_format='thd'``)
 Megatron's ``Attention`` hands over query/key/value as ``[t, np, hn]`` (the sequences of a
-micro-batch end to end) and ``cu_seqlens`` marks the boundaries; a block-diagonal causal
-mask keeps every token inside its own sequence, the semantics of Transformer Engine's THD
-kernels that the GPU spec uses. Output ``[t, np * hn]``.
+micro-batch end to end) and ``cu_seqlens`` marks the boundaries; attention is causal
+inside each sequence and never crosses a boundary (block-diagonal causal), the semantics
+of Transformer Engine's THD kernels that the GPU spec uses. Output ``[t, np * hn]``.
 """
 
 from __future__ import annotations
@@ -100,29 +100,34 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
 
     def _packed(self, query, key, value, params: PackedSeqParams):
-        """THD: ``[t, np, hn]`` inputs, causal attention within each ``cu_seqlens`` segment."""
+        """THD: ``[t, np, hn]`` inputs, causal attention within each ``cu_seqlens`` segment.
+
+        Each segment is its own causal SDPA call, so the cost is the sum of the squared
+        sequence lengths (a dense ``[t, t]`` block-diagonal mask would cost ``t^2``)."""
         if params.qkv_format != "thd" or query.dim() != 3:
             raise ValueError(f"SDPAttention packs only qkv_format='thd' with [t, np, hn] inputs, got {params.qkv_format!r} and {tuple(query.shape)}")
         t = query.shape[0]
-        segment = segment_ids(params.cu_seqlens_q, t, query.device)
-        mask = (segment.unsqueeze(1) == segment.unsqueeze(0)) & torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
-        # [t, h, d] -> [1, h, t, d]
-        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        lengths = segment_lengths(params.cu_seqlens_q, t)
         if self.groups_per_partition != self.heads_per_partition:
             repeat = self.heads_per_partition // self.groups_per_partition
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
+            key = key.repeat_interleave(repeat, dim=1)
+            value = value.repeat_interleave(repeat, dim=1)
         dropout = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)
-        return out.squeeze(0).permute(1, 0, 2).reshape(t, self.heads_per_partition * self.head_dim)
+        outputs = []
+        for q, k, v in zip(*(x.split(lengths) for x in (query, key, value))):
+            # [L, h, d] -> [1, h, L, d]
+            q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale)
+            outputs.append(out.squeeze(0).permute(1, 0, 2))
+        return torch.cat(outputs).reshape(t, self.heads_per_partition * self.head_dim)
 
 
-def segment_ids(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
-    """``[total]`` long: the segment of each position of a packed row."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    if int(cu[0]) != 0 or int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens must run from 0 to the packed length {total}, got {cu.tolist()}")
-    return torch.bucketize(torch.arange(total, device=device), cu[1:], right=True)
+def segment_lengths(cu_seqlens: torch.Tensor, total: int) -> list:
+    """The segment lengths of a packed row of ``total`` tokens, checked against it."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {bounds}")
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 def packed_seq_params(batch) -> Optional[PackedSeqParams]:
