@@ -237,8 +237,11 @@ def child_packing(spec):
             metrics = train_step(ddp, optimizer, scheduler, micro, forward)
         times.append(t.seconds)
     timed_useful, timed_computed = sum(useful[spec["warmup"]:]), sum(computed[spec["warmup"]:])
+    median = sorted(times)[len(times) // 2]
     return dict(
-        packing=spec["packing"], useful_tokens_per_s=timed_useful / sum(times), computed_tokens_per_s=timed_computed / sum(times),
+        packing=spec["packing"], useful_tokens_per_s=timed_useful / sum(times),
+        computed_tokens_per_s=timed_computed / sum(times),
+        useful_tokens_per_s_median_step=timed_useful / len(times) / median,  # robust to one slow step on a shared machine
         padding_fraction=1 - timed_useful / timed_computed, micro_batches_per_step=[len(m) for m in steps[spec["warmup"]:]],
         step_time_s=times, useful_tokens_timed=timed_useful, final_loss=float(metrics["loss"]), **bc.peak_memory(),
         implementation="megatron-core GPTModel (" + ("Transformer Engine" if use_transformer_engine(model_cfg) else "local layers, SDPA") + ")",
@@ -253,7 +256,8 @@ def measure_packing(args, spec) -> dict:
         runs["packed" if packing else "padded"] = bc.run_part(script, "packing", part_spec, args.timeout)
     padded, packed = runs["padded"], runs["packed"]
     return dict(config=spec, padded=padded, packed=packed,
-                useful_tokens_per_s_ratio=bc.ratio(packed.get("useful_tokens_per_s"), padded.get("useful_tokens_per_s")))
+                useful_tokens_per_s_ratio=bc.ratio(packed.get("useful_tokens_per_s"), padded.get("useful_tokens_per_s")),
+                useful_tokens_per_s_ratio_median_step=bc.ratio(packed.get("useful_tokens_per_s_median_step"), padded.get("useful_tokens_per_s_median_step")))
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -391,7 +395,8 @@ def main(argv=None) -> int:
             else:
                 print(f"  {name}: {r['useful_tokens_per_s']:.1f} useful tokens/s ({r['computed_tokens_per_s']:.1f} computed, "
                       f"{100 * r['padding_fraction']:.1f}% padding, {sum(r['micro_batches_per_step']) / len(r['micro_batches_per_step']):.1f} micro-batches a step)")
-        print(f"  packed / padded useful tokens/s: {_fmt(row['useful_tokens_per_s_ratio'], '.2f')}")
+        print(f"  packed / padded useful tokens/s: {_fmt(row['useful_tokens_per_s_ratio'], '.2f')} "
+              f"(from the median step times: {_fmt(row['useful_tokens_per_s_ratio_median_step'], '.2f')})")
         result = dict(bc.header("sft_packing", info), **row)
         name = f"sft_packing_{args.preset or 'custom'}_{args.flavour}_{'fp8' if args.fp8 else precision}_{device_tag}.json"
         bc.write_result(result, args.output, name)
