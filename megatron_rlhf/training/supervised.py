@@ -4,7 +4,8 @@ A recipe describes its data and loss in a :class:`SupervisedTask`; :class:`Super
 turns it into the loop's step. Each step takes the next ``train.global_batch_size``
 examples of a layout-independent order, gives each data-parallel rank its contiguous share,
 cuts that into micro-batches at example boundaries (an RM prompt's K responses stay in one
-forward) and runs one optimizer step. Evaluation adds the metrics' sums and counts over the
+forward), or with ``data.packing`` bin-packs those examples into as many packed
+micro-batches as they need (``data/packing.py``), and runs one optimizer step. Evaluation adds the metrics' sums and counts over the
 whole held-out set, so it is the same at any data-parallel size.
 """
 
