@@ -33,13 +33,6 @@ def test_first_fit_decreasing_by_hand():
         first_fit_decreasing([3, 0], 8)
 
 
-def test_padding_fraction_by_hand():
-    from megatron_rlhf.data.packing import padding_fraction
-
-    # bins [8, 2] [5, 4] [3] of 10: 22 used tokens in 30
-    assert padding_fraction([5, 3, 8, 2, 4], 10) == pytest.approx(1 - 22 / 30)
-
-
 def test_pack_sft_layout_by_hand():
     from megatron_rlhf.data import SftExample
     from megatron_rlhf.data.packing import pack_sft

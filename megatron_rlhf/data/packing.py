@@ -60,14 +60,6 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int
     return [sorted(b) for b in bins]
 
 
-def padding_fraction(lengths: Sequence[int], capacity: int) -> float:
-    """Share of the packed rows' tokens that are padding, rows of ``capacity`` tokens."""
-    bins = first_fit_decreasing(lengths, capacity)
-    used = sum(lengths)
-    total = sum(max(capacity, sum(lengths[i] for i in b)) for b in bins)
-    return 1.0 - used / total if total else 0.0
-
-
 def packed_width(loads: Sequence[int]) -> int:
     """One width for every micro-batch of a step (pipeline stages exchange one shape)."""
     return round_up(max(loads), PACK_MULTIPLE)
