@@ -10,6 +10,8 @@ plain ``transformers`` training step on the same shape, batch and precision, in 
     python bench/sft_throughput.py --sweep
     # CPU smoke run (seconds; fp32; numbers are not performance claims)
     python bench/sft_throughput.py --preset tiny --steps 1 --warmup 1
+    # data.packing: useful (non-padding) tokens/s, packed vs padded, same examples, one run
+    python bench/sft_throughput.py --preset 350m --flavour llama --micro-batch-size 4 --grad-accum 4 --packing
 
 Ours: ``build_model`` -> ``wrap_for_training`` (Megatron DDP + optimizer) -> per step
 ``train_step`` (``run_schedule`` with the SFT stage's own ``sft_forward``, then
@@ -19,6 +21,14 @@ Baseline: ``LlamaForCausalLM``/``GPT2LMHeadModel`` of the same shape, ``attn_imp
 the same gradient clipping, ``gradient_checkpointing`` when ``--recompute full``.
 Both train on the same random tokens (every position a target). Each runs in its own
 process (see bench_common). Results: ``bench/results/<name>.json``; keys in bench/README.md.
+
+``--packing``: no baseline; our SFT step twice on the same variable-length demonstrations,
+padded (the trainer's collation: each step's examples at one width, the longest rounded up
+to 16) and packed (``data.packing``: first-fit-decreasing bins of micro-batch-size x
+seq_length tokens, THD attention). Lengths are lognormal, ``exp(N(ln(median), sigma))``
+rounded and clipped to [16, seq_length] (``--length-median``, default seq_length / 8;
+``--length-sigma``, default 1.0); each step takes micro-batch-size x grad-accum new
+examples. The figure is useful (non-padding) tokens per second and its packed/padded ratio.
 """
 
 from __future__ import annotations
@@ -170,6 +180,86 @@ def child_baseline(spec):
     return result
 
 
+def lognormal_lengths(n: int, seq_length: int, median: float, sigma: float, seed: int) -> list:
+    """``n`` sequence lengths ``exp(N(ln median, sigma))``, rounded, clipped to [16, seq_length]."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.exp(math.log(median) + sigma * torch.randn(n, generator=g, dtype=torch.float64))
+    return raw.round().clamp(min=min(16, seq_length), max=seq_length).long().tolist()
+
+
+def child_packing(spec):
+    """Our SFT step on variable-length demonstrations, padded or packed (``spec["packing"]``)."""
+    from functools import partial
+
+    import torch
+
+    from megatron_rlhf.config import ModelConfig, ParallelConfig, TrainConfig
+    from megatron_rlhf.data import SftExample, collate_sft
+    from megatron_rlhf.data.packing import pack_sft, sft_unit_length
+    from megatron_rlhf.models.builder import build_model, use_transformer_engine
+    from megatron_rlhf.parallel import init_distributed, seed_everything
+    from megatron_rlhf.recipes.sft import forward_step
+    from megatron_rlhf.training.step import train_step, wrap_for_training
+    from megatron_rlhf.training.supervised import SupervisedTask, microbatches
+
+    model_cfg = ModelConfig(**spec["model"])
+    parallel = ParallelConfig(**spec["parallel"])
+    s, mbs, per_step = model_cfg.seq_length, spec["micro_batch_size"], spec["micro_batch_size"] * spec["grad_accum"]
+    train = TrainConfig(lr=1e-5, micro_batch_size=mbs, global_batch_size=per_step, seed=spec["seed"])
+    init_distributed(parallel, model_cfg)
+    seed_everything(spec["seed"])
+    model = build_model(model_cfg, parallel, model_cfg.vocab_size, seed=spec["seed"])
+    ddp, optimizer, scheduler = wrap_for_training(model, parallel, train, total_steps=spec["warmup"] + spec["steps"])
+    forward = partial(forward_step, vocab_size=model_cfg.vocab_size)
+    task = SupervisedTask(kind="policy", train_examples=[], valid_examples=[], collate=partial(collate_sft, pad_id=0, max_len=s),
+                          forward_fn=forward, pack=partial(pack_sft, pad_id=0), unit_length=sft_unit_length)
+    # the same examples in both runs: lengths of whole sequences [bos] + response, inputs one shorter
+    n = per_step * (spec["warmup"] + spec["steps"])
+    lengths = lognormal_lengths(n, s + 1, spec["length_median"], spec["length_sigma"], spec["seed"])
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    examples = [SftExample([1], torch.randint(3, model_cfg.vocab_size, (length - 1,), generator=g).tolist()) for length in lengths]
+    steps = []
+    for i in range(0, n, per_step):
+        micro = microbatches(task, examples[i : i + per_step], mbs, mbs * s if spec["packing"] else None)
+        steps.append([type(b)(*(t.to(torch.cuda.current_device()) if torch.cuda.is_available() and hasattr(t, "to") else t for t in b)) for b in micro])
+    useful = [sum(sft_unit_length(e) for e in examples[i : i + per_step]) for i in range(0, n, per_step)]
+    computed = [sum(b.tokens.numel() for b in micro) for micro in steps]
+    for micro in steps[: spec["warmup"]]:
+        train_step(ddp, optimizer, scheduler, micro, forward)
+    bc.reset_peak_memory()
+    times = []
+    for micro in steps[spec["warmup"]:]:
+        with bc.Timer() as t:
+            metrics = train_step(ddp, optimizer, scheduler, micro, forward)
+        times.append(t.seconds)
+    timed_useful, timed_computed = sum(useful[spec["warmup"]:]), sum(computed[spec["warmup"]:])
+    median = sorted(times)[len(times) // 2]
+    return dict(
+        packing=spec["packing"], useful_tokens_per_s=timed_useful / sum(times),
+        computed_tokens_per_s=timed_computed / sum(times),
+        useful_tokens_per_s_median_step=timed_useful / len(times) / median,  # robust to one slow step on a shared machine
+        padding_fraction=1 - timed_useful / timed_computed, micro_batches_per_step=[len(m) for m in steps[spec["warmup"]:]],
+        step_time_s=times, useful_tokens_timed=timed_useful, final_loss=float(metrics["loss"]), **bc.peak_memory(),
+        implementation="megatron-core GPTModel (" + ("Transformer Engine" if use_transformer_engine(model_cfg) else "local layers, SDPA") + ")",
+    )
+
+
+def measure_packing(args, spec) -> dict:
+    script = Path(__file__).resolve()
+    runs = {}
+    for packing in (False, True):
+        part_spec = dict(spec, packing=packing, label=spec["label"] + (" packed" if packing else " padded"))
+        runs["packed" if packing else "padded"] = bc.run_part(script, "packing", part_spec, args.timeout)
+    padded, packed = runs["padded"], runs["packed"]
+    return dict(config=spec, padded=padded, packed=packed,
+                useful_tokens_per_s_ratio=bc.ratio(packed.get("useful_tokens_per_s"), padded.get("useful_tokens_per_s")),
+                useful_tokens_per_s_ratio_median_step=bc.ratio(packed.get("useful_tokens_per_s_median_step"), padded.get("useful_tokens_per_s_median_step")))
+
+
 # ----------------------------------------------------------------------------- the parent
 
 
@@ -248,7 +338,7 @@ def print_row(row):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        return bc.child_main(argv, {"ours": child_ours, "baseline": child_baseline})
+        return bc.child_main(argv, {"ours": child_ours, "baseline": child_baseline, "packing": child_packing})
     p = bc.parser(__doc__)
     p.add_argument("--seq-length", type=int, help="default 2048 (tiny: 64)")
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -262,6 +352,9 @@ def main(argv=None) -> int:
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also time the transformers step")
+    p.add_argument("--packing", action="store_true", help="useful tokens/s, data.packing against padding, on lognormal lengths")
+    p.add_argument("--length-median", type=float, help="--packing: median sequence length (default seq_length / 8)")
+    p.add_argument("--length-sigma", type=float, default=1.0, help="--packing: sigma of the log-length")
     p.add_argument("--sweep", action="store_true", help="sizes x {bf16, fp8} x recompute {none, full}")
     p.add_argument("--sizes", nargs="+", default=None, help=f"sweep sizes (default {' '.join(SWEEP_SIZES)})")
     p.add_argument("--sweep-recompute", nargs="+", default=["none", "full"], choices=["none", "selective", "full"])
@@ -281,6 +374,33 @@ def main(argv=None) -> int:
     if not args.sweep:
         bc.check_recompute(args.recompute)
     device_tag = "cpu" if info["device"] == "cpu" else info["device"].replace(" ", "_").lower()
+
+    if args.packing:
+        if args.sweep:
+            p.error("--packing measures one shape: drop --sweep")
+        if not args.preset and not (args.num_layers and args.hidden_size and args.num_attention_heads):
+            p.error("give --preset or --num-layers, --hidden-size and --num-attention-heads")
+        spec = build_spec(args, args.preset, precision, args.fp8, args.recompute)
+        seq = spec["model"]["seq_length"]
+        median = args.length_median or seq / 8
+        if not 1 <= median <= seq or args.length_sigma < 0:
+            p.error(f"need 1 <= --length-median <= seq_length ({seq}) and --length-sigma >= 0")
+        spec.update(length_median=median, length_sigma=args.length_sigma,
+                    length_distribution=f"lognormal: round(exp(N(ln {median:g}, {args.length_sigma:g}))) clipped to [16, {seq + 1}] tokens a sequence")
+        row = measure_packing(args, spec)
+        for name in ("padded", "packed"):
+            r = row[name]
+            if "error" in r:
+                print(f"  {name}: ERROR {r['error']}")
+            else:
+                print(f"  {name}: {r['useful_tokens_per_s']:.1f} useful tokens/s ({r['computed_tokens_per_s']:.1f} computed, "
+                      f"{100 * r['padding_fraction']:.1f}% padding, {sum(r['micro_batches_per_step']) / len(r['micro_batches_per_step']):.1f} micro-batches a step)")
+        print(f"  packed / padded useful tokens/s: {_fmt(row['useful_tokens_per_s_ratio'], '.2f')} "
+              f"(from the median step times: {_fmt(row['useful_tokens_per_s_ratio_median_step'], '.2f')})")
+        result = dict(bc.header("sft_packing", info), **row)
+        name = f"sft_packing_{args.preset or 'custom'}_{args.flavour}_{'fp8' if args.fp8 else precision}_{device_tag}.json"
+        bc.write_result(result, args.output, name)
+        return 1 if "error" in row["padded"] or "error" in row["packed"] else 0
 
     if not args.sweep:
         if not args.preset and not (args.num_layers and args.hidden_size and args.num_attention_heads):

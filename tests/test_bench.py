@@ -41,6 +41,21 @@ def test_sft_throughput_tiny(tmp_path):
     assert result["shape"]["parameters"] == result["ours"]["parameters_built"]  # memory_plan's count, the built model
 
 
+def test_sft_packing_tiny(tmp_path):
+    out = tmp_path / "packing.json"
+    proc = _run("sft_throughput.py", "--preset", "tiny", "--packing", "--steps", "1", "--warmup", "0", "--micro-batch-size", "4", "--length-median", "24",
+                "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "sft_packing" and "lognormal" in result["config"]["length_distribution"]
+    padded, packed = result["padded"], result["packed"]
+    # the same examples: the same useful tokens; packing leaves less padding in fewer micro-batches
+    assert padded["useful_tokens_timed"] == packed["useful_tokens_timed"] > 0
+    assert packed["padding_fraction"] < padded["padding_fraction"]
+    assert sum(packed["micro_batches_per_step"]) <= sum(padded["micro_batches_per_step"])
+    assert result["useful_tokens_per_s_ratio"] > 0 and result["useful_tokens_per_s_ratio_median_step"] > 0
+
+
 def test_sft_sweep_tiny(tmp_path):
     out = tmp_path / "sweep.json"
     proc = _run("sft_throughput.py", "--sweep", "--sizes", "tiny", "--no-baseline", "--steps", "1", "--warmup", "0",

@@ -140,3 +140,23 @@ def test_config_supplies_tokenizer_context_and_policy(capsys):
     assert "at seq_length=64, truncation=prompt_left (sequences up to 65 tokens): 200 fit, 0 truncated, 0 dropped" in text
     assert main([str(DATA / "sft_valid.jsonl"), "--no-progress"]) == 2
     assert "needs a tokenizer" in capsys.readouterr().err
+
+
+def test_padding_fractions_by_hand():
+    from megatron_rlhf.data.stats import padding_fractions
+
+    # batches [20, 9] and [30, 5] at seq_length 32: unpacked each is 2 rows of 32 (widths round up
+    # to 16) = 128 tokens for 64 used; packed [20+9] in one bin of 32, [30] and [5] in two -> 96
+    pad = padding_fractions([[20], [9], [30], [5]], 32, batch_size=2, micro_batch_size=1)
+    assert (pad["tokens"], pad["unpacked"], pad["unpacked_full_context"], pad["packed"]) == (64, 0.5, 0.5, round(1 - 64 / 96, 4))
+    # ranking: a prompt's responses are one unit; 5 rows of width 16 = 80 (160 at the context);
+    # packed, both prompts in one bin of 3 x 32 tokens: 43 used, width 48
+    pad = padding_fractions([[10, 12], [7, 7, 7]], 32, batch_size=2, micro_batch_size=1)
+    assert (pad["unpacked"], pad["unpacked_full_context"], pad["packed"]) == (round(1 - 43 / 80, 4), round(1 - 43 / 160, 4), round(1 - 43 / 48, 4))
+
+
+def test_cli_reports_padding_with_and_without_packing(capsys):
+    (sft,) = stats(capsys, DATA / "sft_train.jsonl", "--seq-length", 64, "--batch-size", 32, "--micro-batch-size", 16)
+    pad = sft["context"]["padding"]
+    assert (pad["batch_size"], pad["micro_batch_size"]) == (32, 16)
+    assert pad["packed"] < 0.05 < 0.3 < pad["unpacked"] < pad["unpacked_full_context"]

@@ -1,5 +1,6 @@
-"""``megatron-rlhf data-stats FILE.jsonl...``: format, token-length percentiles and truncation
-at the configured context of SFT, ranking, prompt or pretraining files (``data/stats.py``)."""
+"""``megatron-rlhf data-stats FILE.jsonl...``: format, token-length percentiles, truncation and
+padding (with and without ``data.packing``) at the configured context of SFT, ranking, prompt
+or pretraining files (``data/stats.py``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def build_parser():
     p.add_argument("--seq-length", type=int, help="context to check truncation against (model.seq_length)")
     p.add_argument("--truncation", choices=("prompt_left", "drop", "error"), help="data.truncation (default prompt_left)")
     p.add_argument("--max-new-tokens", type=int, help="for prompt files: the response budget (ppo.max_new_tokens)")
+    p.add_argument("--batch-size", type=int, help="examples per global batch for the padding figures (train.global_batch_size; default 64)")
+    p.add_argument("--micro-batch-size", type=int, help="train.micro_batch_size for the packed bins (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -33,6 +36,7 @@ def main(argv=None) -> int:
 
     try:
         tokenizer_path, seq_length, truncation, max_new_tokens = args.tokenizer, args.seq_length, args.truncation, args.max_new_tokens
+        batch_size, micro_batch_size = args.batch_size, args.micro_batch_size
         if args.config:
             cfg = load_config(args.config)
             tokenizer_path = tokenizer_path or cfg.model.tokenizer
@@ -40,6 +44,11 @@ def main(argv=None) -> int:
             truncation = truncation or cfg.data.truncation
             if max_new_tokens is None and cfg.stage == "ppo":
                 max_new_tokens = cfg.ppo.max_new_tokens
+            batch_size = batch_size or cfg.train.global_batch_size
+            micro_batch_size = micro_batch_size or cfg.train.micro_batch_size
+        batch_size, micro_batch_size = batch_size or 64, micro_batch_size or 1
+        if batch_size < 1 or micro_batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size} and --micro-batch-size {micro_batch_size} must be >= 1")
         if not tokenizer_path:
             raise ConfigError("data-stats needs a tokenizer: --tokenizer PATH.model (or a checkpoint folder), or --config CFG.yaml")
         if Path(tokenizer_path).is_dir() and not (Path(tokenizer_path) / "tokenizer.model").is_file():
@@ -51,8 +60,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--seq-length {seq_length} must be >= 2")
         if max_new_tokens is not None and seq_length is not None and seq_length - max_new_tokens < 2:
             raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in --seq-length {seq_length}")
-        results = [collect(f, args.format, tokenizer, seq_length, truncation or "prompt_left", max_new_tokens, not args.no_progress)
-                   for f in args.files]
+        results = [collect(f, args.format, tokenizer, seq_length, truncation or "prompt_left", max_new_tokens, not args.no_progress,
+                           batch_size, micro_batch_size) for f in args.files]
     except (ConfigError, DataError, CheckpointError, OSError) as exc:
         print(f"megatron-rlhf data-stats: error: {exc}", file=sys.stderr)
         return 2

@@ -191,6 +191,10 @@ class DataConfig:
     #   drop: skip the example (counted and reported); error: stop with the file and line
     truncation: str = "prompt_left"
     shuffle: bool = True
+    # Pack several examples into each micro-batch (SFT, RM, PPO's pretraining batches): no
+    # compute on padding between them; attention stays inside each sequence (data/packing.py).
+    # train.micro_batch_size then sets a micro-batch's token budget (x model.seq_length).
+    packing: bool = False
 
     def validate(self) -> None:
         _one_of("data.truncation", self.truncation, ("prompt_left", "drop", "error"))

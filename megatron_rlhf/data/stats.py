@@ -2,6 +2,7 @@
 
     megatron-rlhf data-stats FILE.jsonl [FILE ...] (--tokenizer T | --config CFG.yaml)
                              [--seq-length N] [--truncation prompt_left|drop|error] [--max-new-tokens M]
+                             [--batch-size B] [--micro-batch-size M]
                              [--format auto|sft|ranking|pairwise|prompts|pretrain] [--json] [--no-progress]
 
 Formats (``auto``, the default, takes the format of the first valid line):
@@ -22,8 +23,17 @@ as fits / truncated / dropped / error (under ``truncation=error``, or a prompt o
 ``seq_length - max_new_tokens`` budget: the run would stop there), with the first ``file:line``
 of each. Pretraining text is never cut; its count of ``seq_length + 1`` chunks is given.
 
-``--config`` reads ``model.tokenizer``, ``model.seq_length``, ``data.truncation`` and
-``ppo.max_new_tokens`` from a stage config; explicit flags win. A line that is not valid for
+Padding (SFT and ranking files, at a context): the share of the tokens a training step
+computes that are padding, without packing (each global batch of ``--batch-size`` examples,
+in file order, padded to its longest sequence as the trainer collates it; and with every
+sequence padded to the full context) and with ``data.packing`` (the trainer's
+first-fit-decreasing bins of ``micro-batch-size x K x seq_length`` tokens per global batch,
+all of a step's bins at one width; K = 1, or the most responses of a prompt for ranking).
+Pretraining chunks fill their rows and are not counted.
+
+``--config`` reads ``model.tokenizer``, ``model.seq_length``, ``data.truncation``,
+``ppo.max_new_tokens``, ``train.global_batch_size`` and ``train.micro_batch_size`` from a
+stage config; explicit flags win. A line that is not valid for
 the format is counted and its ``file:line: problem`` shown. Exit status: 0, 1 when some lines
 are invalid (the statistics cover the valid ones), 2 when nothing could be read.
 """
@@ -34,11 +44,15 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
+
+from .common import batch_width
+from .packing import first_fit_decreasing, packed_width
 
 FORMATS = ("sft", "ranking", "pairwise", "prompts", "pretrain")
 PERCENTILES = (50, 90, 99)
 MAX_EXAMPLES = 5
+PAD_MULTIPLE = 16  # collate_sft / collate_comparisons round a batch's width up to this
 # Which formats may share a file: the RM loader takes K-way and pairwise lines mixed.
 COMPATIBLE = {"ranking": {"ranking", "pairwise"}, "pairwise": {"ranking", "pairwise"}}
 
@@ -62,6 +76,33 @@ def summarize(values: List[int]) -> Optional[dict]:
     return out
 
 
+def padding_fractions(units: Sequence[Sequence[int]], seq_length: int, batch_size: int, micro_batch_size: int) -> dict:
+    """Padding share of the tokens computed, unpacked and packed, as the trainer lays them out.
+
+    ``units`` are the examples in order, each the token lengths of its rows as packed (an
+    SFT input, or every response sequence of a prompt). Each global batch of ``batch_size``
+    units is, unpacked, one width (the longest row rounded up, at most ``seq_length``) and,
+    packed, ``first_fit_decreasing`` bins of ``micro_batch_size x rows x seq_length`` tokens
+    at one width (``packed_width``), as ``training.supervised.microbatches`` does.
+    """
+    rows = max(len(u) for u in units)
+    capacity = micro_batch_size * rows * seq_length
+    used = unpacked = packed = full = 0
+    for start in range(0, len(units), batch_size):
+        group = units[start : start + batch_size]
+        lengths = [n for u in group for n in u]
+        used += sum(lengths)
+        unpacked += len(lengths) * batch_width(lengths, PAD_MULTIPLE, seq_length)
+        full += len(lengths) * seq_length
+        loads = [sum(u) for u in group]
+        bins = first_fit_decreasing(loads, capacity)
+        packed += len(bins) * packed_width([sum(loads[i] for i in b) for b in bins])
+    return {
+        "batch_size": batch_size, "micro_batch_size": micro_batch_size, "tokens": used,
+        "unpacked": round(1 - used / unpacked, 4), "unpacked_full_context": round(1 - used / full, 4), "packed": round(1 - used / packed, 4),
+    }
+
+
 def line_kind(record: dict) -> Optional[str]:
     """The format a record looks like, from its keys."""
     if "chosen" in record or "rejected" in record:
@@ -80,8 +121,11 @@ def line_kind(record: dict) -> Optional[str]:
 class Collector:
     """Accumulates one file's statistics as its lines stream past."""
 
-    def __init__(self, path: str, fmt: str, tokenizer, seq_length: Optional[int], truncation: str, max_new_tokens: Optional[int]):
+    def __init__(self, path: str, fmt: str, tokenizer, seq_length: Optional[int], truncation: str, max_new_tokens: Optional[int],
+                 batch_size: int = 64, micro_batch_size: int = 1):
         self.path, self.format = path, fmt
+        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.units: List[List[int]] = []  # per kept example: its rows' lengths as the trainer packs them
         self.tok, self.seq_length, self.truncation, self.max_new_tokens = tokenizer, seq_length, truncation, max_new_tokens
         self.lines = 0
         self.kinds: Counter = Counter()
@@ -174,12 +218,17 @@ class Collector:
                 try:
                     example, truncated = build_sft_example(p, rs[0], tok.bos_id, tok.eos_id, self.seq_length + 1, self.truncation)
                     self.outcome("dropped" if example is None else "truncated" if truncated else "fits", line)
+                    if example is not None:
+                        self.units.append([len(example.tokens) - 1])  # the model reads all but the last token
                 except ValueError:
                     self.outcome("error", line)
             return
         self.k_counts[len(rs)] += 1
         if self.seq_length is not None:
-            self.outcome(fit_comparison(len(p), 1 + max(len(r) for r in rs), self.seq_length, self.truncation)[0], line)
+            outcome, kept = fit_comparison(len(p), 1 + max(len(r) for r in rs), self.seq_length, self.truncation)
+            self.outcome(outcome, line)
+            if outcome in ("fits", "truncated"):
+                self.units.append([1 + kept + len(r) + 1 for r in rs])  # [bos] + kept prompt + response + [eos]
 
     def result(self) -> dict:
         fmt = self.format
@@ -214,17 +263,20 @@ class Collector:
                 for what in ("fits", "truncated", "dropped", "error"):
                     context[what] = self.outcomes[what]
                 context["examples"] = self.outcome_examples
+            if self.units:
+                context["padding"] = padding_fractions(self.units, self.seq_length, self.batch_size, self.micro_batch_size)
         out["context"] = context
         return out
 
 
-def collect(path: str, fmt: str, tokenizer, seq_length=None, truncation="prompt_left", max_new_tokens=None, show_progress=True) -> dict:
+def collect(path: str, fmt: str, tokenizer, seq_length=None, truncation="prompt_left", max_new_tokens=None, show_progress=True,
+            batch_size: int = 64, micro_batch_size: int = 1) -> dict:
     """Statistics of one file (see the module docstring); raises DataError if it cannot be read."""
     from megatron_rlhf.progress import progress
 
     from .jsonl import scan_jsonl
 
-    c = Collector(str(path), fmt, tokenizer, seq_length, truncation, max_new_tokens)
+    c = Collector(str(path), fmt, tokenizer, seq_length, truncation, max_new_tokens, batch_size, micro_batch_size)
     size = os.path.getsize(path) if Path(path).is_file() else None
     bar = progress(size, f"data-stats {Path(path).name}", "B", enable=show_progress, unit_scale=True)
     try:
@@ -274,6 +326,11 @@ def format_text(stats: dict) -> str:
         out.append(f"  at seq_length={ctx['seq_length']}, truncation={ctx['truncation']} (sequences up to {ctx['limit']} tokens): "
                    f"{ctx['fits']} fit, {ctx['truncated']} truncated, {ctx['dropped']} dropped"
                    + (f", {ctx['error']} stop the run (truncation=error)" if ctx["error"] else ""))
+    if ctx and "padding" in ctx:
+        pad = ctx["padding"]
+        out.append(f"  padding at seq_length={ctx['seq_length']} (global batches of {pad['batch_size']}, micro-batches of {pad['micro_batch_size']}): "
+                   f"{pad['unpacked']:.1%} unpacked ({pad['unpacked_full_context']:.1%} with every row at the full context), "
+                   f"{pad['packed']:.1%} with data.packing=true")
     if ctx:
         for what, where in ctx.get("examples", {}).items():
             out.append(f"    {what}: e.g. {', '.join(where)}")

@@ -7,6 +7,12 @@ PyTorch pick the kernel: flash / memory-efficient on GPU, the math kernel on CPU
 
 Shapes follow Megatron: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]``,
 output ``[sq, b, np * hn]``.
+
+Packed sequences (``data.packing``): with ``packed_seq_params`` (``qkv_format='thd'``)
+Megatron's ``Attention`` hands over query/key/value as ``[t, np, hn]`` (the sequences of a
+micro-batch end to end) and ``cu_seqlens`` marks the boundaries; attention is causal
+inside each sequence and never crosses a boundary (block-diagonal causal), the semantics
+of Transformer Engine's THD kernels that the GPU spec uses. Output ``[t, np * hn]``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
@@ -59,8 +66,10 @@ class SDPAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b = query.shape[0], query.shape[1]
         sk = key.shape[0]
@@ -89,3 +98,49 @@ class SDPAttention(MegatronModule):
         )
         # [b, h, sq, d] -> [sq, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
+
+    def _packed(self, query, key, value, params: PackedSeqParams):
+        """THD: ``[t, np, hn]`` inputs, causal attention within each ``cu_seqlens`` segment.
+
+        Each segment is its own causal SDPA call, so the cost is the sum of the squared
+        sequence lengths (a dense ``[t, t]`` block-diagonal mask would cost ``t^2``)."""
+        if params.qkv_format != "thd" or query.dim() != 3:
+            raise ValueError(f"SDPAttention packs only qkv_format='thd' with [t, np, hn] inputs, got {params.qkv_format!r} and {tuple(query.shape)}")
+        t = query.shape[0]
+        lengths = segment_lengths(params.cu_seqlens_q, t)
+        if self.groups_per_partition != self.heads_per_partition:
+            repeat = self.heads_per_partition // self.groups_per_partition
+            key = key.repeat_interleave(repeat, dim=1)
+            value = value.repeat_interleave(repeat, dim=1)
+        dropout = self.dropout_p if self.training else 0.0
+        outputs = []
+        for q, k, v in zip(*(x.split(lengths) for x in (query, key, value))):
+            # [L, h, d] -> [1, h, L, d]
+            q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale)
+            outputs.append(out.squeeze(0).permute(1, 0, 2))
+        return torch.cat(outputs).reshape(t, self.heads_per_partition * self.head_dim)
+
+
+def segment_lengths(cu_seqlens: torch.Tensor, total: int) -> list:
+    """The segment lengths of a packed row of ``total`` tokens, checked against it."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {bounds}")
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def packed_seq_params(batch) -> Optional[PackedSeqParams]:
+    """Megatron's ``PackedSeqParams`` (THD) for a packed batch (``data.packing``), None otherwise.
+
+    Pass it to ``GPTModel.forward(..., packed_seq_params=...)``: Transformer Engine's
+    attention (GPU) or :class:`SDPAttention` (CPU) keep tokens inside their sequence, and
+    RoPE restarts at every ``cu_seqlens`` boundary (learned positions read ``position_ids``).
+    """
+    cu_seqlens = getattr(batch, "cu_seqlens", None)
+    if cu_seqlens is None:
+        return None
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen
+    )

@@ -44,8 +44,10 @@ from megatron_rlhf.algorithms.ppo import actor_report, critic_report, ptx_batch_
 from megatron_rlhf.checkpoint import check_compatible, check_kind, load_weights, policy_network, read_meta, resolve_checkpoint, with_architecture
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import collate_sft, load_pretrain, prompt_budget
+from megatron_rlhf.data.packing import pack_microbatches, pack_sft, sft_unit_length
 from megatron_rlhf.data.prompts import load_prompt_records
 from megatron_rlhf.data.reward_fn import load_reward_fn
+from megatron_rlhf.models.attention import packed_seq_params
 from megatron_rlhf.models.builder import build_model
 from megatron_rlhf.models.generation import generate, padded_batch
 from megatron_rlhf.models.logprobs import token_logprobs, vocab_parallel_entropy
@@ -80,7 +82,7 @@ def actor_forward(model, batch, *, vocab_size, clip_eps, entropy_coef, ptx_coef,
                                 ref, kl_loss_coef or 0.0, kl_estimator)
 
         return logits, loss_fn
-    logits = model(batch.tokens, batch.position_ids, None)
+    logits = model(batch.tokens, batch.position_ids, None, packed_seq_params=packed_seq_params(batch))  # packed with data.packing
     return logits, lambda logits: ptx_report(token_logprobs(logits, batch.labels, vocab_size), batch.loss_mask, ptx_coef, episode_tokens, ptx_tokens)
 
 
@@ -290,8 +292,10 @@ class PPORecipe:
         mine = [self.pretrain[i] for i in rank_slice(indices, self.ctx.dp, self.ctx.dp_rank)]
         if not mine:
             return []
-        batch = collate_sft(mine, pad_id=self.ctx.tokenizer.pad_id, max_len=cfg.model.seq_length)
         mbs = cfg.train.micro_batch_size
+        if cfg.data.packing:  # bins of an unpacked micro-batch's tokens, no padding between the chunks
+            return [to_device(b) for b in pack_microbatches(mine, sft_unit_length, partial(pack_sft, pad_id=self.ctx.tokenizer.pad_id), mbs * cfg.model.seq_length)]
+        batch = collate_sft(mine, pad_id=self.ctx.tokenizer.pad_id, max_len=cfg.model.seq_length)
         return [to_device(type(batch)(*(t[i : i + mbs] for t in batch))) for i in range(0, len(mine), mbs)]
 
     # 4: the update

@@ -7,7 +7,8 @@ at the response's eos (``models/reward.py``).
 
 Loss, InstructGPT eq. 1: for each prompt, ALL its K responses go through one forward pass
 (a micro-batch holds whole prompts: ``train.global_batch_size`` and
-``train.micro_batch_size`` count PROMPTS), and every strictly ordered pair contributes
+``train.micro_batch_size`` count PROMPTS; with ``data.packing`` a prompt's responses are
+separate sequences of one packed micro-batch), and every strictly ordered pair contributes
 ``-log sigmoid(r_w - r_l)``, averaged over the prompt's pairs (1/C(K,2) without ties),
 then over the prompts of the global batch (``algorithms.ranking.ranking_report``: the sum
 over a micro-batch's prompts, counted in prompts, so the schedule's division by the global
@@ -37,7 +38,9 @@ from megatron_rlhf.checkpoint import check_compatible, check_kind, load_checkpoi
 from megatron_rlhf.checkpoint.io import load_weights
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import ComparisonBatch, ComparisonExample, collate_comparisons, load_comparisons
+from megatron_rlhf.data.packing import comparison_unit_length, is_packed, pack_comparisons
 from megatron_rlhf.data.responses import load_responses
+from megatron_rlhf.models.attention import packed_seq_params
 from megatron_rlhf.models.builder import build_model
 from megatron_rlhf.models.reward import fold_bias, read_rewards, score_sequences, value_forward
 from megatron_rlhf.parallel import data_parallel_sum, is_rank0
@@ -76,9 +79,15 @@ def forward_step(model, batch: ComparisonBatch, center_coef: float = 0.0):
     """One forward over every response of the micro-batch's prompts; the loss is
     ``ranking_report`` (InstructGPT eq. 1, plus reward centering when ``center_coef`` > 0)."""
     real_rows, pairs = micro_pairs(batch)
-    output = value_forward(model, batch)
+    packed = is_packed(batch)
+    if packed:  # data.packing: one row of responses end to end, attention kept inside each
+        output = model(batch.tokens, batch.position_ids, None, packed_seq_params=packed_seq_params(batch))
+    else:
+        output = value_forward(model, batch)
 
     def loss_fn(values):
+        if packed:  # the row's values seen once per response, each read at its own eos
+            values = values.reshape(1, -1).expand(batch.last_index.shape[0], -1)
         rewards = read_rewards(values, batch.last_index)
         if pairs is None:  # evaluation padding only: contributes nothing, keeps the graph
             zero = rewards.sum() * 0.0
@@ -103,10 +112,12 @@ def make_task(cfg: Config, train_examples, valid_examples, pad_id: int) -> Super
         forward_fn=partial(forward_step, center_coef=cfg.rm.center_coef),
         select_metric="eval/accuracy",
         select_mode="max",
-        count_tokens=lambda b: int((b.last_index + 1).sum()),
+        count_tokens=lambda b: int(b.cu_seqlens[b.num_sequences]) if is_packed(b) else int((b.last_index + 1).sum()),
         pad_example=_filler,
         extra_meta=lambda: {"reward_readout": "eos"},
         rows_of=lambda example: len(example.response_ids),
+        pack=partial(pack_comparisons, pad_id=pad_id),  # a prompt and all its responses stay in one micro-batch
+        unit_length=comparison_unit_length,
     )
 
 

@@ -17,6 +17,8 @@ from megatron_rlhf.algorithms.sft import sft_report
 from megatron_rlhf.checkpoint import check_compatible, check_kind, load_weights, policy_network, resolve_checkpoint
 from megatron_rlhf.config import Config
 from megatron_rlhf.data import SftExample, collate_sft, load_sft
+from megatron_rlhf.data.packing import pack_sft, sft_unit_length
+from megatron_rlhf.models.attention import packed_seq_params
 from megatron_rlhf.models.builder import build_model
 from megatron_rlhf.models.logprobs import token_logprobs
 from megatron_rlhf.parallel import is_rank0
@@ -25,8 +27,9 @@ from megatron_rlhf.training.supervised import SupervisedRecipe, SupervisedTask, 
 
 
 def forward_step(model, batch, *, vocab_size: int):
-    """Logits of every position; the loss is ``sft_report`` of the targets' log-probs."""
-    logits = model(batch.tokens, batch.position_ids, None)
+    """Logits of every position; the loss is ``sft_report`` of the targets' log-probs.
+    A packed batch (``data.packing``) carries its sequence boundaries to the attention."""
+    logits = model(batch.tokens, batch.position_ids, None, packed_seq_params=packed_seq_params(batch))
     return logits, lambda logits: sft_report(token_logprobs(logits, batch.labels, vocab_size), batch.loss_mask)
 
 
@@ -58,5 +61,7 @@ def run(cfg: Config) -> dict:
         forward_fn=partial(forward_step, vocab_size=ctx.tokenizer.vocab_size),
         count_tokens=lambda b: int(b.loss_mask.sum()),
         pad_example=_no_loss,
+        pack=partial(pack_sft, pad_id=ctx.tokenizer.pad_id),
+        unit_length=sft_unit_length,
     )
     return loop.run(ctx, SupervisedRecipe(ctx, model, task))

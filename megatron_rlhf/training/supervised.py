@@ -4,7 +4,8 @@ A recipe describes its data and loss in a :class:`SupervisedTask`; :class:`Super
 turns it into the loop's step. Each step takes the next ``train.global_batch_size``
 examples of a layout-independent order, gives each data-parallel rank its contiguous share,
 cuts that into micro-batches at example boundaries (an RM prompt's K responses stay in one
-forward) and runs one optimizer step. Evaluation adds the metrics' sums and counts over the
+forward), or with ``data.packing`` bin-packs those examples into as many packed
+micro-batches as they need (``data/packing.py``), and runs one optimizer step. Evaluation adds the metrics' sums and counts over the
 whole held-out set, so it is the same at any data-parallel size.
 """
 
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import split_holdout
+from megatron_rlhf.data.packing import pack_microbatches
 from megatron_rlhf.models.schedule import means
 from megatron_rlhf.parallel import data_parallel_sum, to_device
 from megatron_rlhf.training.loop import DataPosition, RunContext, rank_slice, total_steps
@@ -38,6 +40,9 @@ class SupervisedTask:
     pad_example: Optional[Callable] = None  # example -> the same example contributing nothing (eval padding)
     extra_meta: Optional[Callable] = None  # () -> dict merged into the checkpoint meta
     rows_of: Callable = lambda example: 1  # batch rows of one example (RM: its K responses; K varies)
+    # data.packing: (examples, width=) -> one packed micro-batch, and the tokens one example takes in it
+    pack: Optional[Callable] = None
+    unit_length: Optional[Callable] = None
 
 
 def load_train_valid(cfg: Config, tokenizer, load: Callable) -> tuple[list, list, object]:
@@ -58,8 +63,17 @@ def load_train_valid(cfg: Config, tokenizer, load: Callable) -> tuple[list, list
     return train, valid, stats
 
 
-def microbatches(task: SupervisedTask, examples: list, micro_batch_size: int) -> list:
-    """``examples`` collated once (one width) and cut every ``micro_batch_size`` examples."""
+def microbatches(task: SupervisedTask, examples: list, micro_batch_size: int, pack_capacity: Optional[int] = None) -> list:
+    """``examples`` collated once (one width) and cut every ``micro_batch_size`` examples.
+
+    With ``pack_capacity`` (``data.packing``: ``micro_batch_size x model.seq_length`` tokens)
+    the examples are bin-packed instead (``data.packing.pack_microbatches``): whole examples
+    per micro-batch, as many micro-batches as the bins need.
+    """
+    if pack_capacity is not None:
+        if task.pack is None or task.unit_length is None:
+            raise ConfigError(f"data.packing=true: the {task.kind} recipe does not pack its examples; set data.packing=false")
+        return [to_device(b) for b in pack_microbatches(examples, task.unit_length, task.pack, pack_capacity)]
     batch = task.collate(examples)
     rows = batch[0].shape[0]
     sizes = [task.rows_of(e) for e in examples]
@@ -93,6 +107,10 @@ class SupervisedRecipe:
         self.select_metric = task.select_metric if task.valid_examples else None
         self.select_mode = task.select_mode
         self.position = DataPosition()
+        # data.packing: a micro-batch holds up to the tokens of an unpacked one at full width
+        # (micro_batch_size examples of the most rows, seq_length each), with no padding between examples
+        rows = max(task.rows_of(e) for e in task.train_examples)
+        self.pack_capacity = cfg.train.micro_batch_size * rows * cfg.model.seq_length if cfg.data.packing else None
 
     # 1. the next global batch, this rank's share, micro-batches; 2. one optimizer step
     def train_step(self, step: int) -> dict:
@@ -100,7 +118,7 @@ class SupervisedRecipe:
         t0 = time.perf_counter()
         indices = self.position.next_batch(len(task.train_examples), cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
         mine = rank_slice([task.train_examples[i] for i in indices], ctx.dp, ctx.dp_rank)
-        micro = microbatches(task, mine, cfg.train.micro_batch_size)
+        micro = microbatches(task, mine, cfg.train.micro_batch_size, self.pack_capacity)
         metrics = train_step(self.model, self.optimizers["model"], self.schedulers["model"], micro, task.forward_fn)
         (tokens,) = data_parallel_sum([sum(task.count_tokens(b) for b in micro)])
         record = {f"train/{k}": v for k, v in metrics.items() if k not in ("grad_norm", "skipped")}
@@ -123,7 +141,7 @@ class SupervisedRecipe:
         totals: dict[str, list[float]] = {}
         for start in range(0, len(examples), group):
             mine = rank_slice(examples[start : start + group], ctx.dp, ctx.dp_rank)
-            for name, (s, c) in eval_step(self.model, microbatches(task, mine, cfg.train.micro_batch_size), task.forward_fn).items():
+            for name, (s, c) in eval_step(self.model, microbatches(task, mine, cfg.train.micro_batch_size, self.pack_capacity), task.forward_fn).items():
                 total = totals.setdefault(name, [0.0, 0.0])
                 total[0] += s
                 total[1] += c
