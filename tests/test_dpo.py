@@ -132,7 +132,7 @@ def test_bad_inputs_have_clear_errors(sft, tmp_path):
     meta = json.loads((sft / "sft" / "checkpoints" / "latest").parent.joinpath((sft / "sft/checkpoints/latest").read_text().strip(), "meta.json").read_text())
     fake = tmp_path / "rm" / "checkpoints" / "iter_0000001"
     fake.mkdir(parents=True)
-    (fake / "meta.json").write_text(json.dumps(dict(meta, kind="reward")))
+    (fake / "meta.json").write_text(json.dumps(dict(meta, kind="reward", network_kinds={"model": "reward"})))
     (fake.parent / "latest").write_text("iter_0000001\n")
     r = dpo(f"output_dir={tmp_path / 'o4'}", f"model.init_from={tmp_path / 'rm'}")
     assert r.returncode == 2 and "is a reward model (an RM run)" in r.stderr and "not a policy" in r.stderr, r.stderr[-2000:]
