@@ -151,6 +151,7 @@ def _parallel_worker(root, tp, pp):
             "greedy": generate(model, MANY, 8, temperature=0).sequences,
             "refill": rollout(model, MANY, 8, slots=4, **options).sequences,
             "static": rollout(model, MANY, 8, slots=4, refill=False, **options).sequences,
+            "groups": rollout(model, MANY, 8, slots=5, micro_batches=1 if pp > 1 else 3, **options).sequences,
             "full": full_recompute_generate(model, MANY, 8, slots=4, **options).sequences,
         }
     return out
@@ -173,5 +174,5 @@ def test_parallel_rollout_equals_single_process(tmp_path, tp, pp):
         for rank, res in enumerate(results):
             got = res[flavour]
             assert got["eos"] == eos and got["greedy"] == greedy, (flavour, rank)
-            for name in ("refill", "static", "full"):
+            for name in ("refill", "static", "groups", "full"):
                 assert got[name] == expected, (flavour, name, rank)

@@ -758,11 +758,9 @@ def rollout(
         raise ValueError(f"slots must be >= 1, got {slots}")
     slots = min(slots, b)
     pp = _pipeline_size()
+    if micro_batches is not None and micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     groups = min(micro_batches or pp, slots)
-    if groups < pp:
-        # a group must come back from the last stage before it is scheduled again
-        groups_note = f"micro_batches={micro_batches}" if micro_batches else f"slots={slots}"
-        raise ValueError(f"{groups_note} gives {groups} slot group(s) for {pp} pipeline stages; need at least one per stage")
     group_sizes = [slots // groups + (g < slots % groups) for g in range(groups)]
     budgets = [min(max_new_tokens, context - n) for n in lengths]
     length = max(n + k for n, k in zip(lengths, budgets))
@@ -779,8 +777,13 @@ def rollout(
     try:
         with torch.no_grad():
             tick = 0
+            in_flight = set()  # groups whose tokens the last stage has not sent back yet
             while sched.remaining > 0:  # a prompt in flight is not done, so this also drains the pipeline
-                history[tick] = sched.schedule(tick % groups)
+                # with fewer groups than stages a group's turn can come before its tokens: idle tick
+                group = tick % groups
+                history[tick] = [] if group in in_flight else sched.schedule(group)
+                if history[tick]:
+                    in_flight.add(group)
                 mine = history.get(tick - rank) or []
                 previous_sends, sends = sends, []
                 results = [_run_forward(stage, fwd, caches, sends, sampler) for fwd in mine]
@@ -796,6 +799,7 @@ def rollout(
                         payload = torch.empty((2, count), dtype=torch.float64, device=stage.device)
                     payload = _share(payload.contiguous()).cpu()
                     sched.apply(ending, payload[0].long().tolist(), payload[1].tolist())
+                    in_flight.discard(ending[0].group)
                 tick += 1
             for work, _ in sends:
                 work.wait()
