@@ -17,8 +17,9 @@ conditions on a shared machine:
   ``--eos-mean`` tokens (geometric, capped at ``--max-new-tokens``): ``rollout(refill=True)``
   vs the same engine with static batches (``refill=False``: a batch of slots takes new
   prompts only when all its rows are done). Same seeds, so both produce the same tokens.
-* ``pp2``: two gloo processes, pipeline parallel size 2, ``--batch`` equal-length prompts, no
-  eos: ours with two micro-batch groups in flight vs ours with one vs the engine before.
+* ``pp2``: two gloo processes, pipeline parallel size 2, ``--batch`` prompts (equal and varied
+  lengths), no eos: ours with two micro-batch groups in flight vs ours with one vs the engine
+  before.
 
 Results go to ``bench/results/rollout_<shape>_cpu.json``; ``--rows`` prints the README rows.
 """
@@ -205,20 +206,24 @@ def _pp2_rank(rank, world, port, spec, out_path):
     model = _setup(spec, pp=2)
     before = _before_engine(spec["before"])
     b, new = spec["batch"], spec["max_new_tokens"]
-    prompts = _prompts(spec, b, False, spec["seed"])
+    result = {}
+    for shape in ("equal", "varied"):
+        prompts = _prompts(spec, b, shape == "varied", spec["seed"])
 
-    def ours(groups):
-        def fn():
-            return sum(generate(model, prompts, new, temperature=1.0, seeds=list(range(b)), micro_batches=groups).response_lengths)
-        return fn
+        def ours(groups, prompts=prompts):
+            def fn():
+                gen = generate(model, prompts, new, temperature=1.0, seeds=list(range(b)), micro_batches=groups)
+                return sum(gen.response_lengths)
+            return fn
 
-    def engine_before():
-        return sum(before.generate(model, prompts, new, temperature=1.0, generator=torch.Generator().manual_seed(0)).response_lengths)
+        def engine_before(prompts=prompts):
+            gen = before.generate(model, prompts, new, temperature=1.0, generator=torch.Generator().manual_seed(0))
+            return sum(gen.response_lengths)
 
-    contenders = {"ours": ours(2), "ours_one_group": ours(1)}
-    if not spec["skip_before"]:
-        contenders["before"] = engine_before
-    result = _best(contenders, spec["repeats"], barrier=dist.barrier)
+        contenders = {"ours": ours(2), "ours_one_group": ours(1)}
+        if not spec["skip_before"]:
+            contenders["before"] = engine_before
+        result[shape] = _best(contenders, spec["repeats"], barrier=dist.barrier)
     if rank == 0:
         Path(out_path).write_text(json.dumps(result))
     from megatron_rlhf.parallel import destroy_distributed
@@ -267,12 +272,15 @@ def rows(result: dict) -> list:
                    f"(mean {sum(eos['response_lengths']) / len(eos['response_lengths']):.1f}) | refill "
                    f"{eos['refill']['tokens_per_s']:.0f} tok/s, static {eos['static']['tokens_per_s']:.0f} tok/s "
                    f"| **{eos['refill']['tokens_per_s'] / eos['static']['tokens_per_s']:.2f}x** |")
-    pp2 = result.get("pp2", {})
-    if "ours" in pp2:
+    for name, pp2 in result.get("pp2", {}).items():
+        if not isinstance(pp2, dict) or "ours" not in pp2:
+            continue
+        best = min(pp2["ours"]["best_s"], pp2["ours_one_group"]["best_s"])
         before = pp2.get("before")
-        vs = f"| **{pp2['ours']['tokens_per_s'] / before['tokens_per_s']:.2f}x** before" if before else "|"
-        out.append(f"| PP=2 (gloo), {cfg['batch']} prompts, 2 micro-batch groups | ours {pp2['ours']['best_s']:.2f} s, one group "
-                   f"{pp2['ours_one_group']['best_s']:.2f} s" + (f", before {before['best_s']:.2f} s " if before else " ") + vs + " |")
+        vs = f"**{before['best_s'] / best:.2f}x** before" if before else ""
+        out.append(f"| PP=2 (gloo), {cfg['batch']} prompts {name}, {cfg['max_new_tokens']} new | ours: 2 micro-batch groups "
+                   f"{pp2['ours']['best_s']:.2f} s, one group {pp2['ours_one_group']['best_s']:.2f} s"
+                   + (f"; before {before['best_s']:.2f} s" if before else "") + f" | {vs} |")
     return out
 
 
@@ -288,7 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--eos-prompts", type=int, default=64, help="prompts of the continuous-batching run")
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--eos-mean", type=float, default=24.0, help="mean response length the eos boost aims at")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--before", default=BEFORE, help="git commit whose generation.py is the 'before' engine")
     p.add_argument("--skip-before", action="store_true")
