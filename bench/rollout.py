@@ -21,7 +21,8 @@ conditions on a shared machine:
   lengths), no eos: ours with two micro-batch groups in flight vs ours with one vs the engine
   before.
 
-Results go to ``bench/results/rollout_<shape>_cpu.json``; ``--rows`` prints the README rows.
+Results go to ``bench/results/rollout_<shape>_cpu.json``; ``--rows`` prints the README rows: the
+ratio of the best times, and the median over repeats of the ratio of back-to-back timings.
 """
 
 from __future__ import annotations
@@ -249,6 +250,12 @@ PARTS = {"pp1": child_pp1, "eos": child_eos, "pp2": child_pp2}
 # ----------------------------------------------------------------------------- the report
 
 
+def paired(slow: dict, fast: dict) -> float:
+    """Median over repeats of slow/fast wall time, each pair timed back to back (robust to load swings)."""
+    ratios = sorted(a / b for a, b in zip(slow["times_s"], fast["times_s"]))
+    return ratios[len(ratios) // 2]
+
+
 def rows(result: dict) -> list:
     """Markdown rows for README "Performance" (rollouts)."""
     shape = result["shape"]
@@ -262,7 +269,8 @@ def rows(result: dict) -> list:
             before = f", before {r['before']['best_s']:.2f} s" if "before" in r else ""
             out.append(f"| rollout, {cfg['batch']} prompts {name} (mean {cfg['prompt_mean']}), {cfg['max_new_tokens']} new, "
                        f"{label} | ours {r['ours']['best_s']:.2f} s, transformers {r['transformers']['best_s']:.2f} s{before} "
-                       f"| **{r['transformers']['best_s'] / r['ours']['best_s']:.2f}x** transformers |")
+                       f"| **{r['transformers']['best_s'] / r['ours']['best_s']:.2f}x** transformers "
+                       f"(paired median {paired(r['transformers'], r['ours']):.2f}x) |")
     if "equal" in pp1 and "varied" in pp1:
         out.append(f"| varied / equal prompt lengths (ours) | {pp1['varied']['ours']['best_s'] / pp1['equal']['ours']['best_s']:.2f}x "
                    f"(transformers {pp1['varied']['transformers']['best_s'] / pp1['equal']['transformers']['best_s']:.2f}x) | |")
@@ -271,13 +279,15 @@ def rows(result: dict) -> list:
         out.append(f"| continuous batching, {cfg['eos_prompts']} prompts, {cfg['slots']} slots, eos-varied responses "
                    f"(mean {sum(eos['response_lengths']) / len(eos['response_lengths']):.1f}) | refill "
                    f"{eos['refill']['tokens_per_s']:.0f} tok/s, static {eos['static']['tokens_per_s']:.0f} tok/s "
-                   f"| **{eos['refill']['tokens_per_s'] / eos['static']['tokens_per_s']:.2f}x** |")
+                   f"| **{eos['refill']['tokens_per_s'] / eos['static']['tokens_per_s']:.2f}x** "
+                   f"(paired median {paired(eos['static'], eos['refill']):.2f}x) |")
     for name, pp2 in result.get("pp2", {}).items():
         if not isinstance(pp2, dict) or "ours" not in pp2:
             continue
         best = min(pp2["ours"]["best_s"], pp2["ours_one_group"]["best_s"])
         before = pp2.get("before")
-        vs = f"**{before['best_s'] / best:.2f}x** before" if before else ""
+        vs = (f"**{before['best_s'] / best:.2f}x** before (paired median: 2 groups {paired(before, pp2['ours']):.2f}x, "
+              f"one group {paired(before, pp2['ours_one_group']):.2f}x)") if before else ""
         out.append(f"| PP=2 (gloo), {cfg['batch']} prompts {name}, {cfg['max_new_tokens']} new | ours: 2 micro-batch groups "
                    f"{pp2['ours']['best_s']:.2f} s, one group {pp2['ours_one_group']['best_s']:.2f} s"
                    + (f"; before {before['best_s']:.2f} s" if before else "") + f" | {vs} |")
