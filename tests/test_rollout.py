@@ -1,6 +1,6 @@
 """The rollout engine against independent references: Megatron's own forward (greedy tokens,
 sampling log-probs), each prompt generated alone (continuous batching), hand-computed
-inverse-CDF draws, and TP=2 / PP=2 (2 gloo processes) with continuous batching == TP=1."""
+exponential-race draws, and TP=2 / PP=2 (2 gloo processes) with continuous batching == TP=1."""
 
 import math
 
@@ -80,28 +80,34 @@ def test_token_logprobs_temperature_by_hand():
     assert token_logprobs(logits, target, temperature=0).item() == pytest.approx(math.log(4 / 7), abs=1e-6)
 
 
-def test_sample_rows_inverse_cdf_by_hand():
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])  # cdf 0.1 0.3 0.6 1.0
-    logits = probs.log().expand(5, 4)
-    u = torch.tensor([0.05, 0.15, 0.45, 0.65, 0.999], dtype=torch.float64)
-    tokens, logprobs = sample_rows(logits, u)
-    assert tokens.tolist() == [0, 1, 2, 3, 3]
+def test_sample_rows_exponential_race_by_hand():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logits = probs.log().expand(4, 4)
+    # the winner is argmax p / q: row 0 plain argmax, row 1 a small q lifts 0.1 to 10,
+    # row 2: 0.2/0.05 = 4 beats 0.3/0.1 = 3, row 3: 0.3/0.1 = 3 beats 0.2/0.1 = 2 and 0.4/0.5
+    noise = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.01, 1.0, 1.0, 1.0], [1.0, 0.05, 0.1, 1.0], [1.0, 0.1, 0.1, 0.5]])
+    tokens, logprobs = sample_rows(logits, noise)
+    assert tokens.tolist() == [3, 0, 1, 2]
     torch.testing.assert_close(logprobs, probs.log()[tokens])
-    # top-k 2 keeps {2, 3}: cdf 3/7 = 0.43, 1; the log-probs stay those of the untruncated distribution
-    tokens, logprobs = sample_rows(logits, u, top_k=2)
-    assert tokens.tolist() == [2, 2, 3, 3, 3]
+    # top-k 2 keeps {2, 3}: row 1's and row 2's winners are cut; log-probs stay untruncated ones
+    tokens, logprobs = sample_rows(logits, noise, top_k=2)
+    assert tokens.tolist() == [3, 3, 2, 2]
     torch.testing.assert_close(logprobs, probs.log()[tokens])
     # top-p 0.5 keeps {3, 2} (0.4 < 0.5 <= 0.7); padded ids (>= vocab_size) are never drawn
-    assert sample_rows(logits, u, top_p=0.5)[0].tolist() == [2, 2, 3, 3, 3]
-    assert sample_rows(logits, u, vocab_size=2)[0].tolist() == [0, 0, 1, 1, 1]  # cdf 1/3, 1
-    # greedy ignores u; its log-prob is the untempered one
+    assert sample_rows(logits, noise, top_p=0.5)[0].tolist() == [3, 3, 2, 2]
+    assert sample_rows(logits, noise, vocab_size=2)[0].tolist() == [1, 0, 1, 1]
+    # greedy ignores the noise; its log-prob is the untempered one
     tokens, logprobs = sample_rows(logits, None, temperature=0)
-    assert tokens.tolist() == [3] * 5 and logprobs[0].item() == pytest.approx(math.log(0.4))
-    # temperature 2: probs proportional to sqrt(p)
+    assert tokens.tolist() == [3] * 4 and logprobs[0].item() == pytest.approx(math.log(0.4))
+    # temperature 2: probs proportional to sqrt(p) = .316 .447 .548 .632; row 3: 5.48 beats 4.47 and 1.26
     root = probs.sqrt() / probs.sqrt().sum()
-    tokens, logprobs = sample_rows(logits[:2], torch.tensor([0.0, 0.9999], dtype=torch.float64), temperature=2.0)
-    assert tokens.tolist() == [0, 3]
-    torch.testing.assert_close(logprobs, root.log()[[0, 3]])
+    tokens, logprobs = sample_rows(logits, noise, temperature=2.0)
+    assert tokens.tolist() == [3, 0, 1, 2]
+    torch.testing.assert_close(logprobs, root.log()[tokens])
+    # with Exponential(1) noise the race draws from p
+    g = torch.Generator().manual_seed(0)
+    draws = sample_rows(probs.log().expand(4000, 4), torch.empty(4000, 4).exponential_(generator=g))[0]
+    torch.testing.assert_close(torch.bincount(draws, minlength=4) / 4000.0, probs, atol=0.03, rtol=0)
 
 
 def test_continuous_batching_equals_each_prompt_alone(model):

@@ -34,12 +34,12 @@ batch ("slot") has its own position.
 
 Sampling. Each prompt has its own random stream: a ``torch.Generator`` seeded with
 ``seeds[i]`` (or with a seed drawn once per prompt from ``generator``; from torch's global
-generator when neither is given). A token is drawn by inverting the CDF of the filtered
-distribution at one uniform number from the prompt's stream. So the tokens of a prompt do
+generator when neither is given). A token is drawn by the exponential race
+(:func:`sample_rows`) with noise from the prompt's stream. So the tokens of a prompt do
 not depend on the batch it shares, the slot it lands in, the number of slots or
 micro-batches, or the TP/PP layout: a rollout gives the same tokens as generating each
 prompt alone with the same seed (up to float rounding of the logits in a different batch
-shape, which moves a draw only when it falls within rounding of a CDF step).
+shape, which moves a draw only when two candidates tie within that rounding).
 
 :func:`full_recompute_generate` runs the same schedule and the same draws with no cache
 (every step re-runs each row's whole prefix through the model's layers): the exact
@@ -218,22 +218,27 @@ def sample_tokens(
 
 def sample_rows(
     logits: torch.Tensor,
-    uniforms: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row by inverting the CDF at a given uniform number; and its log-prob.
+    """One token per row by the exponential race, given each row's noise; and its log-prob.
+
+    With ``q_v ~ Exponential(1)`` independent, ``argmax_v p_v / q_v`` is a draw from ``p``
+    (the race ``torch.multinomial`` runs for one sample, and vLLM's sampler). A small change
+    of ``p`` changes the winner only when two candidates are nearly tied, so runs whose
+    policies differ slightly keep sampling the same tokens for longer than with an inverse
+    CDF, where every earlier probability shifts the boundaries.
 
     Args:
         logits: ``[n, V]`` full-vocabulary logits (padded ids ``>= vocab_size`` are cut off).
-        uniforms: ``[n]`` numbers in ``[0, 1)``, one per row (unused when greedy).
+        noise: ``[n, >= V_real]`` Exponential(1) draws, one row per logits row (unused when greedy).
         temperature, top_k, top_p: as :func:`sample_tokens`; 0 = greedy.
 
     Returns:
-        ``tokens`` ``[n]`` int64: the first token whose cumulative probability (in vocabulary
-        order) exceeds ``u``, so a row's token depends only on its own logits and ``u``;
+        ``tokens`` ``[n]`` int64, a function of each row's logits and noise only;
         ``logprobs`` ``[n]`` fp32: ``log_softmax(logits / T)[token]`` over the real
         vocabulary before top-k/top-p truncation (``T = 1`` when greedy).
     """
@@ -247,11 +252,8 @@ def sample_rows(
     scaled = logits / temperature
     truncated = top_k > 0 or top_p < 1.0
     probs = torch.softmax(_truncate(scaled, top_k, top_p) if truncated else scaled, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # u * total < total, so some column's cdf exceeds it; the one found has probability > 0
-    target = torch.minimum(uniforms.to(cdf.device, cdf.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+    # truncated tokens have p = 0 and never win: some p_v > 0 and every q_v is finite
+    tokens = (probs / noise[:, : probs.shape[-1]].to(probs.device, probs.dtype)).argmax(dim=-1)
     if truncated:
         logprobs = scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
     else:
@@ -623,16 +625,16 @@ class _Sampler:
         self.temperature, self.top_k, self.top_p, self.vocab_size = temperature, top_k, top_p, vocab_size
 
     def __call__(self, logits: torch.Tensor, prompt_ids: List[int]):
-        uniforms = None
+        noise = None
         if self.temperature > 0:
-            draws = []
-            for i in prompt_ids:
+            vocab = logits.shape[-1] if self.vocab_size is None else min(self.vocab_size, logits.shape[-1])
+            noise = torch.empty((len(prompt_ids), vocab))
+            for row, i in enumerate(prompt_ids):
                 gen = self.generators.get(i)
                 if gen is None:
                     gen = self.generators[i] = torch.Generator().manual_seed(self.seeds[i])
-                draws.append(torch.rand(1, generator=gen, dtype=torch.float64))
-            uniforms = torch.cat(draws)
-        return sample_rows(logits, uniforms, self.temperature, self.top_k, self.top_p, self.vocab_size)
+                noise[row].exponential_(generator=gen)
+        return sample_rows(logits, noise, self.temperature, self.top_k, self.top_p, self.vocab_size)
 
 
 def _run_forward(stage: _Stage, fwd: _Forward, caches, sends: list, sampler: _Sampler):
