@@ -633,7 +633,10 @@ class _Sampler:
                 gen = self.generators.get(i)
                 if gen is None:
                     gen = self.generators[i] = torch.Generator().manual_seed(self.seeds[i])
-                noise[row].exponential_(generator=gen)
+                torch.rand(vocab, generator=gen, out=noise[row])
+            # -log(u), u uniform: Exponential(1), three times faster than exponential_ on CPU
+            # (u = 0 gives q = inf: that token sits out one draw, with probability 2^-24)
+            noise.log_().neg_()
         return sample_rows(logits, noise, self.temperature, self.top_k, self.top_p, self.vocab_size)
 
 
