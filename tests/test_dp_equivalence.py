@@ -74,9 +74,9 @@ def test_ppo_actor_and_critic_steps_do_not_depend_on_dp(sft_runs):
     rm_common = ["train.max_steps=1", f"model.init_from={root / 'sft1'}", "train.global_batch_size=8", "train.micro_batch_size=2",
                  "train.eval_max_batches=1", "rm.normalize=false"]
     run("rm", "examples/tiny/rm.yaml", root / "rm_for_ppo", *rm_common)
-    # greedy rollouts: the episodes are then the same at any DP size whatever the sampling seeds
+    # sampled rollouts: each (step, prompt, sample) has its own seed, so the episodes do not depend on DP
     common = ["train.max_steps=2", f"model.init_from={root / 'sft1'}", f"ppo.reward_model={root / 'rm_for_ppo'}", "ppo.critic_warmup_steps=0",
-              "train.global_batch_size=16", "ppo.mini_batch_size=8", "train.micro_batch_size=4", "ppo.temperature=0", "ppo.max_new_tokens=8"]
+              "train.global_batch_size=16", "ppo.mini_batch_size=8", "train.micro_batch_size=4", "ppo.temperature=0.9", "ppo.max_new_tokens=8"]
     dp1 = run("ppo", "examples/tiny/ppo.yaml", root / "ppo1", *common)
     dp2 = run("ppo", "examples/tiny/ppo.yaml", root / "ppo2", *common, dp=2)
     keys = ["rollout/reward", "rollout/kl", "rollout/response_length", "policy/policy_loss", "policy/grad_norm", "policy/entropy",

@@ -250,6 +250,9 @@ class PPOConfig:
     # actor through the advantages (NeMo-Aligner's critic_warmup_steps). 0 = the paper.
     critic_warmup_steps: int = 0
     offload_frozen: bool = False  # move reference and RM to CPU memory outside the scoring phase
+    # continuous batching: rows generated at once; a finished response's slot takes the next
+    # prompt (0: all of this rank's prompts at once)
+    rollout_slots: int = 0
     # Critic-free RL. gae: PPO's critic (InstructGPT). grpo: group-normalised rewards of the
     # samples_per_prompt responses to a prompt (Shao et al. 2024); rloo: leave-one-out baseline
     # (Ahmadian et al. 2024). Neither builds, trains or saves a critic.
@@ -291,6 +294,8 @@ class PPOConfig:
                     "e.g. examples/tiny/reward_fn.py:reward"
                 )
         _positive("ppo.mini_batch_size", self.mini_batch_size)
+        if self.rollout_slots < 0:
+            raise ConfigError(f"ppo.rollout_slots={self.rollout_slots} must be >= 0 (0: every prompt of the rank at once)")
         _positive("ppo.ppo_epochs", self.ppo_epochs)
         _positive("ppo.max_new_tokens", self.max_new_tokens)
         if self.critic_warmup_steps < 0:

@@ -144,3 +144,48 @@ def packed_seq_params(batch) -> Optional[PackedSeqParams]:
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen
     )
+
+
+# ----------------------------------------------------------------------------- rollouts with a KV cache
+#
+# The rollout engine (models/generation.py) runs the layers itself and keeps its own cache,
+# one row per batch slot: ``key_cache``/``value_cache`` ``[slots, ng, length, hn]``. Rows
+# have their own positions, so prompts of different lengths are prefilled whole (right
+# padding) and then decode side by side. Both functions take Megatron's ``[s, b, heads, hn]``
+# layout (after RoPE) and return ``[s, b, np * hn]``, like the core attention above.
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention over a right-padded chunk that starts at position 0.
+
+    ``query`` ``[s, b, np, hn]``, ``key``/``value`` ``[s, b, ng, hn]``. Row ``i``'s real
+    tokens are its first ``L_i``; a real query ``t < L_i`` only sees keys ``<= t``, so the
+    padding after it never reaches a real token and needs no mask (its own outputs are
+    garbage the caller ignores).
+    """
+    sq, b, heads, hn = query.shape
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    groups = k.shape[1]
+    if groups != heads:
+        k = k.repeat_interleave(heads // groups, dim=1)
+        v = v.repeat_interleave(heads // groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+
+def decode_attention(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, key_mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One new token per row against that row's cached keys.
+
+    ``query`` ``[1, b, np, hn]``; ``key_cache``/``value_cache`` ``[b, ng, sk, hn]`` (this
+    step's key already written); ``key_mask`` ``[b, sk]`` True on the keys row ``i`` may
+    attend to (its positions ``<= pos_i``). Grouped-query attention without copying the
+    cache: the ``np / ng`` query heads of a group are laid out as that group's queries
+    (Megatron orders the heads of group ``g`` as ``g * np/ng ... (g+1) * np/ng - 1``).
+    """
+    _, b, heads, hn = query.shape
+    groups = key_cache.shape[1]
+    q = query.reshape(b, groups, heads // groups, hn)
+    out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=key_mask[:, None, None, :], scale=scale)
+    return out.reshape(1, b, heads * hn)

@@ -88,7 +88,7 @@ def mask_padded_vocab(logits_local: torch.Tensor, vocab_size: Optional[int], tp_
 
 
 def token_logprobs(
-    logits_local: torch.Tensor, targets: torch.Tensor, vocab_size: Optional[int] = None
+    logits_local: torch.Tensor, targets: torch.Tensor, vocab_size: Optional[int] = None, temperature: float = 1.0
 ) -> torch.Tensor:
     """log p(target) of every position, from vocab-parallel logits; differentiable.
 
@@ -100,15 +100,23 @@ def token_logprobs(
             fail; their value is meaningless and the caller's mask must drop them.
         vocab_size: the real vocabulary size: ids ``>= vocab_size`` get no probability mass.
             None: use every column (no padding, or the caller masked already).
+        temperature: the log-probs of ``softmax(logits / temperature)``, the distribution
+            a rollout sampled from (before its top-k/top-p truncation, as verl and
+            OpenRLHF score rollouts; ``Generation.logprobs`` is the same quantity). 0 (greedy
+            rollouts) and 1 leave the logits as they are.
 
     Returns:
         ``[b, s]`` fp32 log-probs, identical on every TP rank.
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     group, rank, world = _tp_info()
     # A fresh fp32 copy: Megatron's vocab_parallel_cross_entropy subtracts the max and
     # exponentiates its fp32 input in place, which would corrupt the caller's logits
     # (and the autograd graph, if they are reused for the entropy or a KL term).
     logits = logits_local.to(torch.float32, copy=True)
+    if temperature not in (0, 1):
+        logits.div_(temperature)  # differentiable: the copy is a fresh node
     logits = mask_padded_vocab(logits, vocab_size, rank)
     if group is None:
         # Single process without Megatron's state: the same maths, unsharded.

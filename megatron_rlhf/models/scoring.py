@@ -28,9 +28,9 @@ def positions(tokens: torch.Tensor) -> torch.Tensor:
     return position_ids(tokens.shape[0], tokens.shape[1]).to(tokens.device)
 
 
-def _logprob_forward(model, batch: TokenBatch, *, vocab_size):
+def _logprob_forward(model, batch: TokenBatch, *, vocab_size, temperature):
     logits = model(batch.tokens, positions(batch.tokens), None)
-    return logits, lambda logits: token_logprobs(logits[:, :-1], batch.tokens[:, 1:], vocab_size)
+    return logits, lambda logits: token_logprobs(logits[:, :-1], batch.tokens[:, 1:], vocab_size, temperature)
 
 
 def _value_forward(model, batch: TokenBatch):
@@ -46,9 +46,10 @@ def _per_action(model, tokens, micro_batch_size, forward_fn):
     return broadcast_from_last_stage(result, (tokens.shape[0], tokens.shape[1] - 1))
 
 
-def sequence_logprobs(model, tokens: torch.Tensor, vocab_size: int, micro_batch_size: int) -> torch.Tensor:
-    """Log-prob of every next token, ``[b, s-1]``, from vocab-parallel logits (no gather)."""
-    return _per_action(model, tokens, micro_batch_size, partial(_logprob_forward, vocab_size=vocab_size))
+def sequence_logprobs(model, tokens: torch.Tensor, vocab_size: int, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of every next token, ``[b, s-1]``, from vocab-parallel logits (no gather), under
+    ``softmax(logits / temperature)`` (1: the model's own distribution)."""
+    return _per_action(model, tokens, micro_batch_size, partial(_logprob_forward, vocab_size=vocab_size, temperature=temperature))
 
 
 def sequence_values(model, tokens: torch.Tensor, micro_batch_size: int) -> torch.Tensor:

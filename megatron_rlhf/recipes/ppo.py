@@ -49,7 +49,8 @@ from megatron_rlhf.data.prompts import load_prompt_records
 from megatron_rlhf.data.reward_fn import load_reward_fn
 from megatron_rlhf.models.attention import packed_seq_params
 from megatron_rlhf.models.builder import build_model
-from megatron_rlhf.models.generation import generate, padded_batch
+from megatron_rlhf.models.generation import padded_batch
+from megatron_rlhf.models.generation import rollout as generate_rollouts
 from megatron_rlhf.models.logprobs import token_logprobs, vocab_parallel_entropy
 from megatron_rlhf.models.reward import score_sequences
 from megatron_rlhf.models.scoring import positions, sequence_logprobs, sequence_values
@@ -67,7 +68,8 @@ def _seed(*values) -> int:
 # ----------------------------------------------------------------------------- forward steps
 
 
-def actor_forward(model, batch, *, vocab_size, clip_eps, entropy_coef, ptx_coef, episode_tokens, ptx_tokens, kl_loss_coef=None, kl_estimator="k3"):
+def actor_forward(model, batch, *, vocab_size, clip_eps, entropy_coef, ptx_coef, episode_tokens, ptx_tokens, kl_loss_coef=None, kl_estimator="k3",
+                  temperature=1.0):
     """One micro-batch of the actor step: an ``Episodes`` slice (``actor_report``) or a
     pretraining batch (``ptx_report``); see ``algorithms/ppo.py`` for how they combine."""
     if isinstance(batch, Episodes):
@@ -75,8 +77,9 @@ def actor_forward(model, batch, *, vocab_size, clip_eps, entropy_coef, ptx_coef,
 
         def loss_fn(logits):
             logits = logits[:, :-1]
-            logprobs = token_logprobs(logits, batch.tokens[:, 1:], vocab_size)
-            entropy = vocab_parallel_entropy(logits if entropy_coef else logits.detach(), vocab_size)
+            logprobs = token_logprobs(logits, batch.tokens[:, 1:], vocab_size, temperature)
+            tempered = logits / temperature if temperature != 1.0 else logits
+            entropy = vocab_parallel_entropy(tempered if entropy_coef else tempered.detach(), vocab_size)
             ref = batch.ref_logprobs if kl_loss_coef is not None else None
             return actor_report(logprobs, entropy, batch.old_logprobs, batch.advantages, batch.action_mask, clip_eps, entropy_coef,
                                 ref, kl_loss_coef or 0.0, kl_estimator)
@@ -205,6 +208,8 @@ class PPORecipe:
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
         self.prompt_position = DataPosition()
         self.ptx_position = DataPosition()
+        # greedy rollouts (temperature 0) are scored under the model's own distribution
+        self.temperature = ppo.temperature or 1.0
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -229,20 +234,24 @@ class PPORecipe:
         cfg, ppo, ctx, tok = self.cfg, self.cfg.ppo, self.ctx, self.ctx.tokenizer
         # 1. this rank's prompts, each ppo.samples_per_prompt times (a prompt's group stays on one rank)
         indices = self.prompt_position.next_batch(len(self.prompts), self.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
-        mine = [self.prompts[i] for i in rank_slice(indices, ctx.dp, ctx.dp_rank) for _ in range(ppo.samples_per_prompt)]
+        n = ppo.samples_per_prompt
+        picked = [i for i in rank_slice(indices, ctx.dp, ctx.dp_rank) for _ in range(n)]
+        mine = [self.prompts[i] for i in picked]
+        # one sampling stream per (step, prompt, sample): the episodes do not depend on the DP size
+        seeds = [_seed(cfg.train.seed, step, i, j % n) for j, i in enumerate(picked)]
         t0 = time.perf_counter()
-        generator = torch.Generator(device=device()).manual_seed(_seed(cfg.train.seed, step, ctx.dp_rank))
-        gen = generate(self.actor, [p.ids for p in mine], ppo.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                       temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p, generator=generator, vocab_size=self.vocab)
+        gen = generate_rollouts(self.actor, [p.ids for p in mine], ppo.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=ppo.temperature,
+                       top_k=ppo.top_k, top_p=ppo.top_p, seeds=seeds, vocab_size=self.vocab, slots=ppo.rollout_slots or None)
         t1 = time.perf_counter()
         # 2. score: old and reference log-probs, values, the reward
         batch = padded_batch(gen, pad_id=tok.pad_id)
         tokens = to_device(batch.tokens)
         mbs = cfg.train.micro_batch_size
-        old_logprobs = sequence_logprobs(self.actor, tokens, self.vocab, mbs)
+        # log-probs of the distribution sampled from: softmax(logits / temperature), before top-k/top-p
+        old_logprobs = sequence_logprobs(self.actor, tokens, self.vocab, mbs, self.temperature)
         for frozen in self.frozen:
             _offload(frozen, False)
-        ref_logprobs = sequence_logprobs(self.reference, tokens, self.vocab, mbs)
+        ref_logprobs = sequence_logprobs(self.reference, tokens, self.vocab, mbs, self.temperature)
         rm_scores = rule_scores = torch.zeros(len(mine))
         if self.reward_model is not None:
             rm_scores = score_sequences(self.reward_model, gen.sequences, mbs, pad_id=tok.pad_id)
@@ -316,7 +325,8 @@ class PPORecipe:
                     (ptx_tokens,) = data_parallel_sum([sum(float(b.loss_mask.sum()) for b in ptx)]) if self.pretrain else (1.0,)
                     forward = partial(actor_forward, vocab_size=self.vocab, clip_eps=ppo.clip_eps, entropy_coef=ppo.entropy_coef, ptx_coef=ppo.ptx_coef,
                                       episode_tokens=float(episodes.action_mask[global_rows].sum()), ptx_tokens=ptx_tokens,
-                                      kl_loss_coef=None if ppo.kl_in_reward else self.kl_ctl.value, kl_estimator=ppo.kl_estimator)
+                                      kl_loss_coef=None if ppo.kl_in_reward else self.kl_ctl.value, kl_estimator=ppo.kl_estimator,
+                                      temperature=self.temperature)
                     actor = train_step(self.actor, self.optimizers["actor"], self.schedulers["actor"], micro + ptx, forward)
                     skipped += actor.pop("skipped")
                     metrics.update(actor_grad_norm=actor.pop("grad_norm"), **actor)
