@@ -158,7 +158,7 @@ def _worker_parallel(root):
     from megatron.core import parallel_state
 
     from megatron_rlhf.config import ModelConfig, ParallelConfig
-    from megatron_rlhf.models.generation import _stage_forward
+    import torch.distributed as dist
     from megatron_rlhf.parallel import init_distributed
     from megatron_rlhf import checkpoint as ck
 
@@ -177,8 +177,17 @@ def _worker_parallel(root):
             if layout == "tp2":
                 out[layout][family] = _logits(net, ids)
             else:
-                with torch.no_grad():
-                    logits = _stage_forward(net.eval(), net, ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+                positions = torch.arange(ids.shape[1]).expand_as(ids)
+                with torch.no_grad():  # the first stage's hidden states to the last stage by hand
+                    net.eval()
+                    if parallel_state.is_pipeline_first_stage():
+                        dist.send(net(ids, positions, None).contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+                        logits = None
+                    else:
+                        hidden = torch.empty(ids.shape[1], ids.shape[0], net.config.hidden_size)
+                        dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                        net.set_input_tensor(hidden)
+                        logits = net(ids, positions, None)
                 out[layout][family] = None if logits is None else logits[..., : net.rlhf_vocab_size]
     return out
 
