@@ -202,7 +202,7 @@ def _worker_tp1(work_root, hf_dirs, ids, prompts):
                 values = rm.eval()(rm_ids, pos, None)[..., 0]
             res["rm_scores"] = values[torch.arange(len(last)), last]
             rm_meta = dict(meta, kind="reward", stage="rm")
-            for k in ("iteration", "layout", "networks"):
+            for k in ("iteration", "layout", "networks", "network_kinds"):
                 rm_meta.pop(k, None)
             ck.save_checkpoint(root / f"rm_{flavour}", 0, {"model": rm}, rm_meta, tokenizer_bytes=tok.serialized_model())
         out[flavour] = res
