@@ -107,7 +107,7 @@ def _best(contenders: dict, repeats: int, barrier=None) -> dict:
 
 def _eos_hook(model, eos_id: int, boost: float):
     """Raise the eos logit by ``boost`` (the response-length distribution of the eos runs)."""
-    from megatron_rlhf.models.generation import _unwrap
+    from megatron_rlhf.models.builder import unwrap as _unwrap
 
     def hook(module, args, output):
         logits, bias = output
@@ -127,7 +127,7 @@ def child_pp1(spec):
     from transformers import GenerationConfig
 
     from megatron_rlhf.config import ModelConfig
-    from megatron_rlhf.models.generation import generate
+    from megatron_rlhf.rollout import generate
     from sft_throughput import hf_model
 
     model = _setup(spec)
@@ -166,7 +166,7 @@ def child_pp1(spec):
 
 
 def child_eos(spec):
-    from megatron_rlhf.models.generation import rollout
+    from megatron_rlhf.rollout import rollout
 
     model = _setup(spec)
     count, slots, new = spec["eos_prompts"], spec["slots"], spec["max_new_tokens"]
@@ -202,7 +202,7 @@ def _pp2_rank(rank, world, port, spec, out_path):
     import torch
     import torch.distributed as dist
 
-    from megatron_rlhf.models.generation import generate
+    from megatron_rlhf.rollout import generate
 
     model = _setup(spec, pp=2)
     before = _before_engine(spec["before"])

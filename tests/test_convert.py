@@ -187,7 +187,7 @@ def _worker_tp1(work_root, hf_dirs, ids, prompts):
         net, cfg, meta = _our_model(ours)
         ck.load_weights(net, ck.resolve_checkpoint(ours))
         res = {"logits": _logits(net, ids)}
-        from megatron_rlhf.models.generation import generate
+        from megatron_rlhf.rollout import generate
 
         gen = generate(net, prompts, 10, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.0)
         res["generated"] = [list(map(int, s)) for s in gen.sequences]

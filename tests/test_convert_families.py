@@ -117,7 +117,7 @@ def _rm_ids(tok: Tokenizer):
 
 def _worker_tp1(root, hf_dirs):
     from megatron_rlhf.config import ModelConfig, ParallelConfig
-    from megatron_rlhf.models.generation import generate
+    from megatron_rlhf.rollout import generate
     from megatron_rlhf.parallel import init_distributed
     from megatron_rlhf import checkpoint as ck
 

@@ -6,7 +6,7 @@ import torch
 
 from megatron_rlhf.config import ModelConfig, ParallelConfig
 from megatron_rlhf.models.builder import build_model
-from megatron_rlhf.models.generation import (
+from megatron_rlhf.rollout import (
     Generation,
     full_recompute_generate,
     generate,

@@ -9,7 +9,7 @@ import torch
 
 from megatron_rlhf.config import ParallelConfig
 from megatron_rlhf.models.builder import build_model
-from megatron_rlhf.models.generation import full_recompute_generate, generate, rollout, sample_rows
+from megatron_rlhf.rollout import full_recompute_generate, generate, rollout, sample_rows
 from megatron_rlhf.models.logprobs import token_logprobs
 from megatron_rlhf.parallel import init_distributed
 
@@ -142,7 +142,7 @@ def test_context_limit_and_errors(model):
 
 
 def _parallel_worker(root, tp, pp):
-    from megatron_rlhf.training.checkpoint import load_weights, resolve_checkpoint
+    from megatron_rlhf.checkpoint import load_weights, resolve_checkpoint
 
     out = {}
     for flavour in ("gpt2", "llama"):
@@ -165,7 +165,7 @@ def _parallel_worker(root, tp, pp):
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_parallel_rollout_equals_single_process(tmp_path, tp, pp):
-    from megatron_rlhf.training.checkpoint import save_checkpoint
+    from megatron_rlhf.checkpoint import save_checkpoint
 
     init_distributed(ParallelConfig(), tiny_config("gpt2"))
     models = {flavour: tiny_model(flavour) for flavour in ("gpt2", "llama")}

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from megatron_rlhf.checkpoint import load_policy
     from megatron_rlhf.config import ParallelConfig
     from megatron_rlhf.data import DataError, load_prompts, prompt_budget
-    from megatron_rlhf.models.generation import generate
+    from megatron_rlhf.rollout import generate
     from megatron_rlhf.parallel import device, is_rank0
     from megatron_rlhf.progress import progress
 

@@ -161,7 +161,7 @@ def sample(args) -> int:
 
 def _distinct_samples(model, tok, prompts: List[List[int]], k: int, args, generator) -> List[List[tuple]]:
     """Up to ``k`` distinct, non-empty ``(text, finished)`` samples for each prompt."""
-    from megatron_rlhf.models.generation import generate
+    from megatron_rlhf.rollout import generate
 
     got: List[List[tuple]] = [[] for _ in prompts]
     seen: List[set] = [set() for _ in prompts]

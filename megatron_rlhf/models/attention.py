@@ -148,7 +148,7 @@ def packed_seq_params(batch) -> Optional[PackedSeqParams]:
 
 # ----------------------------------------------------------------------------- rollouts with a KV cache
 #
-# The rollout engine (models/generation.py) runs the layers itself and keeps its own cache,
+# The rollout engine (rollout/engine.py) runs the layers itself and keeps its own cache,
 # one row per batch slot: ``key_cache``/``value_cache`` ``[slots, ng, length, hn]``. Rows
 # have their own positions, so prompts of different lengths are prefilled whole (right
 # padding) and then decode side by side. Both functions take Megatron's ``[s, b, heads, hn]``

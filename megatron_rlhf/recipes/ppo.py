@@ -24,7 +24,7 @@ The loop (``training/loop.py``) logs, evaluates nothing, checkpoints and resumes
 The four models share the job's layout and devices: the actor (from SFT) and critic (from
 the RM) train; the reference (SFT) and reward model are frozen (no grads, no optimizer
 state) and can live in CPU memory between scoring phases (``ppo.offload_frozen``). Any
-TP/PP layout: rollouts go through the pipeline stages (``models/generation.py``); scoring
+TP/PP layout: rollouts go through the pipeline stages (``rollout/engine.py``); scoring
 runs Megatron's forward-only schedule (``models/scoring.py``); the update its 1F1B schedule.
 Left out on purpose: a separate rollout engine (vLLM): rollouts use Megatron's own KV cache.
 """
@@ -49,8 +49,8 @@ from megatron_rlhf.data.prompts import load_prompt_records
 from megatron_rlhf.data.reward_fn import load_reward_fn
 from megatron_rlhf.models.attention import packed_seq_params
 from megatron_rlhf.models.builder import build_model
-from megatron_rlhf.models.generation import padded_batch
-from megatron_rlhf.models.generation import rollout as generate_rollouts
+from megatron_rlhf.rollout import padded_batch
+from megatron_rlhf.rollout import rollout as generate_rollouts
 from megatron_rlhf.models.logprobs import token_logprobs, vocab_parallel_entropy
 from megatron_rlhf.models.reward import score_sequences
 from megatron_rlhf.models.scoring import positions, sequence_logprobs, sequence_values
