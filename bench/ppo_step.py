@@ -78,6 +78,7 @@ def _phases(rollout_s, generate_s, train_s, new_tokens, spec):
 def child_ours(spec):
     from megatron_rlhf.algorithms.kl import FixedKLController
     from megatron_rlhf.config import Config, ModelConfig, ParallelConfig, PPOConfig, TrainConfig
+    from megatron_rlhf.data.prompts import PromptRecord
     from megatron_rlhf.data.sft import SftExample
     from megatron_rlhf.models.builder import build_model, use_transformer_engine
     from megatron_rlhf.parallel import init_distributed, seed_everything
@@ -118,8 +119,10 @@ def child_ours(spec):
             for frozen in (self.reference, self.reward_model):
                 frozen.requires_grad_(False)
                 frozen.eval()
-            self.prompts = prompts.tolist()
+            self.prompts = [PromptRecord(ids, "", {}, "bench", i + 1) for i, ids in enumerate(prompts.tolist())]
             self.pretrain = [SftExample(row[:1], row[1:]) for row in pretrain.tolist()]
+            self.frozen, self.reward_fn, self.critic_model = [self.reference, self.reward_model], None, model_cfg
+            self.prompts_per_step, self.temperature = b, cfg.ppo.temperature or 1.0
             self.total_steps = spec["warmup"] + 1
             self.actor, actor_opt, actor_sched = wrap_for_training(self.actor, parallel, cfg.train, total_steps=self.total_steps)
             self.critic, critic_opt, critic_sched = wrap_for_training(self.critic, parallel, cfg.train, lr=cfg.ppo.critic_lr, total_steps=self.total_steps)
