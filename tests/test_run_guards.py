@@ -112,3 +112,35 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_75(tmp_path):
     assert latest == f"iter_{last_logged:07d}" and "Traceback" not in err
     r = cli(f"train.max_steps={last_logged + 1}", f"output_dir={out}")
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+
+
+# Root ignores permissions and the disk here has room, so the OS errors are injected: the CLI
+# is run in a process whose file calls fail as a full disk or a read-only folder would.
+INJECT = (
+    "import errno, os, sys, pathlib, torch\n"
+    "kind = sys.argv.pop(1)\n"
+    "if kind == 'full':\n"
+    "    real = torch.save\n"
+    "    def save(obj, f, *a, **k):\n"
+    "        if 'state.pt' in str(f): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))\n"
+    "        return real(obj, f, *a, **k)\n"
+    "    torch.save = save\n"
+    "else:\n"
+    "    def mkdir(self, *a, **k): raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))\n"
+    "    pathlib.Path.mkdir = mkdir\n"
+    "from megatron_rlhf.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_full_disk_and_unwritable_output_dir_are_one_line(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    common = ["sft", "--config", "examples/tiny/sft.yaml", *TINY, "train.max_steps=1"]
+    r = subprocess.run([sys.executable, "-c", INJECT, "full", *common, f"output_dir={tmp_path / 'full'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 2 and "No space left on device; free disk space" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path / "full" / "checkpoints").glob("iter_0000001"))  # no half-written checkpoint is committed
+    r = subprocess.run([sys.executable, "-c", INJECT, "readonly", *common, f"output_dir={tmp_path / 'ro'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 2 and "Permission denied; make it writable or choose another output_dir" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
