@@ -415,3 +415,25 @@ def test_sft_from_a_converted_model_without_a_model_section(work, ours, family, 
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_out))
     assert type(model).__name__ == _hf_class(family, False).__name__
     assert hf_tok.chat_template == Tokenizer.load(work["root"] / f"ours_{family}").chat_template
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_starts_from_the_imported_model_with_no_model_section(work, ours, family, tmp_path):
+    """`model.init_from=<converted>` fills the model section: a config with none trains."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        "stage: sft\n"
+        "train: {lr: 1.0e-3, global_batch_size: 4, micro_batch_size: 2, max_steps: 2, eval_interval: 0, tensorboard: false, progress_bar: false}\n"
+        f"data: {{train_path: {ROOT / 'examples/tiny/data/sft_valid.jsonl'}, truncation: prompt_left}}\n"
+    )
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "megatron_rlhf", "sft", "--config", str(config), f"model.init_from={work['root'] / f'ours_{family}'}",
+                        f"output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2] and all(math.isfinite(row["train/loss"]) for row in rows if "train/loss" in row)
