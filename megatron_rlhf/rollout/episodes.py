@@ -30,7 +30,7 @@ class Episodes:
     old_logprobs: torch.Tensor  # [b, s-1] rollout policy
     ref_logprobs: torch.Tensor  # [b, s-1] frozen reference
     old_values: torch.Tensor  # [b, s-1] critic value of the state before action t
-    scores: torch.Tensor  # [b] reward model score of each whole episode
+    scores: torch.Tensor  # [b] (or [b, k]: several rewards) the reward of each whole episode
     advantages: Optional[torch.Tensor] = None  # [b, s-1], set by the recipe
     returns: Optional[torch.Tensor] = None  # [b, s-1]
 
@@ -63,8 +63,11 @@ def gather_episodes(episodes: Episodes, pad_id: int) -> Episodes:
         if value is None:
             gathered[f.name] = None
             continue
-        target = width if f.name == "tokens" else width - 1
-        local = _pad_width(value, target, pad_id if f.name == "tokens" else 0).contiguous()
+        if f.name == "scores":  # per episode, not per token: nothing to pad
+            local = value.contiguous()
+        else:
+            target = width if f.name == "tokens" else width - 1
+            local = _pad_width(value, target, pad_id if f.name == "tokens" else 0).contiguous()
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local, group=group)
         gathered[f.name] = torch.cat(parts)
