@@ -60,7 +60,8 @@ def _max_diffs(got, expected):
             if key.startswith("time/") or key in ("tokens_per_s", "step"):
                 continue
             assert key in g, key
-            diffs[key] = max(diffs.get(key, 0.0), abs(g[key] - value))
+            # relative above 1 (gradient norms of a few units), absolute below
+            diffs[key] = max(diffs.get(key, 0.0), abs(g[key] - value) / max(1.0, abs(value)))
     return diffs
 
 

@@ -173,8 +173,13 @@ def test_reward_climbs_while_kl_stays_bounded(ablation):
 
 
 def test_the_kl_penalty_acts(ablation):
-    with_penalty, without = _series(ablation["default"], "rollout/kl"), _series(ablation["beta0"], "rollout/kl")
-    assert sum(without[-3:]) > sum(with_penalty[-3:]), (with_penalty, without)
+    """The penalty is in the reward: with beta > 0 each episode's non-score reward is
+    -beta * KL, with beta = 0 exactly 0, and the KL it pushes against is the rollouts' own."""
+    default, beta0 = _rows(ablation["default"]), _rows(ablation["beta0"])
+    assert all(r["rollout/non_score_reward"] == 0.0 for r in beta0)
+    for r in default:
+        assert abs(r["rollout/non_score_reward"] + r["rollout/kl_coef"] * r["rollout/kl"]) < 1e-5, r
+    assert any(r["rollout/non_score_reward"] != 0.0 for r in default)
 
 
 def test_the_ptx_term_acts(ablation):
