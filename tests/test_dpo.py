@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist_utils import run_distributed
+from test_rm import _examples  # the RM tests' random comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples/tiny/data"
@@ -139,21 +139,6 @@ def test_bad_inputs_have_clear_errors(sft, tmp_path):
 
 
 # ------------------------------------------------------------------ TP / PP equivalence
-
-
-def _examples(ks, seed):
-    from megatron_rlhf.data import ComparisonExample
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k in ks:
-        prompt = [1] + torch.randint(4, 500, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
-        responses = [torch.randint(4, 500, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist() + [2] for _ in range(k)]
-        ranks = torch.randint(1, k + 1, (k,), generator=g).tolist()
-        if len(set(ranks)) == 1:
-            ranks[0] = 1 if ranks[0] != 1 else 2
-        out.append(ComparisonExample(prompt, responses, ranks))
-    return out
 
 
 class _Tokenizer:
