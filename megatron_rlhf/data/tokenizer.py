@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -64,7 +65,7 @@ _HOW_TO_BUILD = (
 )
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """What every stage needs from a tokenizer. Build with ``Tokenizer.load(path)`` or
     ``Tokenizer.from_serialized(b)``; the subclasses are :class:`SentencePieceTokenizer`
     and :class:`HFTokenizer`."""
@@ -125,37 +126,46 @@ class Tokenizer:
     # ------------------------------------------------------------------ the interface
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def bos_id(self) -> Optional[int]:
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def eos_id(self) -> int:
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def pad_id(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def encode(self, text: str) -> List[int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def id_to_piece(self, token_id: int) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def serialized_model(self) -> bytes:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def save(self, folder: Union[str, Path]) -> List[str]:
         """Write this tokenizer's files into ``folder`` (created if needed); returns their
         names. ``Tokenizer.load(folder)`` gives back a tokenizer with the same fingerprint."""
-        raise NotImplementedError
+        ...
 
     @property
     def bos_ids(self) -> List[int]:
