@@ -27,7 +27,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_rlhf.checkpoint import CheckpointError, checkpoint_meta, start_over, iter_name, latest_checkpoint, load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
+from megatron_rlhf.checkpoint import (
+    CheckpointError, checkpoint_meta, find_resume_checkpoint, iter_name, latest_checkpoint, load_checkpoint, mark_best, resolve_checkpoint,
+    save_checkpoint, start_over,
+)
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import Tokenizer, epoch_order
 from megatron_rlhf.parallel import LaunchEnv, all_reduce, init_distributed, is_rank0, seed_everything
@@ -72,11 +75,12 @@ def setup(cfg: Config) -> RunContext:
         try:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             notes = [OutputLock(out).acquire()]
-            resuming = not cfg.train.restart and latest_checkpoint(out / "checkpoints") is not None
+            # quiet: run() finds the same checkpoint again and says what it skipped, once
+            resuming = not cfg.train.restart and _quiet_resume_point(out / "checkpoints") is not None
             notes += record_config(cfg, out, resuming=resuming)
             for note in filter(None, notes):
                 print(f"[{cfg.stage}] {note}", file=sys.stderr, flush=True)
-        except (ConfigError, OSError) as exc:
+        except (ConfigError, CheckpointError, OSError) as exc:
             error = exc
     started = all_reduce(torch.tensor([0.0 if error else 1.0]), op=dist.ReduceOp.MIN).item() > 0
     if error is not None:
@@ -86,6 +90,10 @@ def setup(cfg: Config) -> RunContext:
     if cfg.train.restart:
         start_over(out / "checkpoints")  # the old checkpoints are moved aside, not deleted
     return RunContext(cfg, env, load_tokenizer(cfg), out)
+
+
+def _quiet_resume_point(checkpoints_dir: Path) -> Optional[Path]:
+    return find_resume_checkpoint(checkpoints_dir, warn=lambda _: None)
 
 
 def load_tokenizer(cfg: Config) -> Tokenizer:
@@ -208,7 +216,7 @@ def run(ctx: RunContext, recipe: Recipe) -> dict:
                     raise DivergenceError(
                         f"{nonfinite} consecutive steps had non-finite loss or gradients (step {state.step}); the run "
                         f"diverged and stopped without saving. Lower train.lr or raise train.clip_grad, then rerun: it "
-                        f"resumes from {latest_checkpoint(ctx.checkpoints_dir) or 'scratch'}"
+                        f"resumes from {_quiet_resume_point(ctx.checkpoints_dir) or 'scratch'}"
                     )
             else:
                 nonfinite = 0
