@@ -315,7 +315,7 @@ class PPORecipe:
         skipped = 0
         for epoch in range(ppo.ppo_epochs):
             # (the trailing 0 keeps the mini-batch order of the per-rank shuffles of earlier versions at DP=1)
-            global_minibatches = minibatch_rows(episodes.tokens.shape[0], ppo.mini_batch_size, _seed(cfg.train.seed, step, epoch, 0), 1, 0)
+            global_minibatches = minibatch_rows(episodes.tokens.shape[0], ppo.mini_batch_size, _seed(cfg.train.seed, step, epoch, 0))
             for global_rows in global_minibatches:
                 part = episodes.rows(to_device(torch.tensor(rank_slice(global_rows, ctx.dp, ctx.dp_rank))))
                 micro = [part.rows(slice(i, i + mbs)) for i in range(0, part.tokens.shape[0], mbs)]

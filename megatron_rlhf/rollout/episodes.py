@@ -74,12 +74,9 @@ def gather_episodes(episodes: Episodes, pad_id: int) -> Episodes:
     return Episodes(**gathered)
 
 
-def minibatch_rows(num_episodes: int, mini_batch_size: int, seed: int, dp: int, dp_rank: int) -> list[list[int]]:
-    """This rank's rows of each mini-batch of one PPO epoch.
-
-    The episodes are shuffled by ``seed`` (the same order at every DP size), cut into
-    global mini-batches of ``mini_batch_size``, and each rank takes a contiguous
-    ``mini_batch_size / dp`` of every one."""
+def minibatch_rows(num_episodes: int, mini_batch_size: int, seed: int) -> list[list[int]]:
+    """The rows of each global mini-batch of one PPO epoch: the episodes shuffled by ``seed``
+    (the same order at every DP size) and cut every ``mini_batch_size``. Each data-parallel
+    rank trains on its contiguous share of every one (``training.loop.rank_slice``)."""
     order = epoch_order(num_episodes, seed, 0, True)
-    per_rank = mini_batch_size // dp
-    return [order[start + dp_rank * per_rank : start + (dp_rank + 1) * per_rank] for start in range(0, num_episodes, mini_batch_size)]
+    return [order[start : start + mini_batch_size] for start in range(0, num_episodes, mini_batch_size)]
