@@ -1,5 +1,5 @@
 """Rule-based rewards (ppo.reward_fn): loading, the call contract, errors naming the config key or
-the prompt's file:line, and the tiny task's alphabetical-order reward by hand."""
+the prompt's file:line, and the tiny task's early-alphabet reward by hand."""
 
 import json
 from pathlib import Path
@@ -51,27 +51,32 @@ def test_the_function_gets_prompt_response_and_record(tmp_path):
 def test_tiny_reward_by_hand():
     fn = load_reward_fn(TINY_REWARD)
     three = prompt("List 3 fruits.")
-    assert fn(three, "apple, pear, plum.") == 2.0  # all right, in order
-    assert fn(three, "pear, apple, plum.") == 1.5  # right items, one of two adjacent pairs in order
-    assert fn(three, "plum, pear, apple.") == 1.0
-    assert fn(three, "apple, pear.") == pytest.approx(2 / 3 + 0.5)  # too few: 2/3 correct, 1 of 2 pairs
-    assert fn(three, "apple, pear, plum, tiger.") == pytest.approx(2 / 3 + 1.0)  # an extra item: capped order
-    assert fn(three, "") == 0.0 and fn(three, "apple.") == pytest.approx(1 / 3)
-    assert fn(prompt("Name 1 color."), "red.") == 2.0
-    assert fn(prompt("Name 1 color."), "red, blue.") == 0.0  # one extra item: 1 - 1 = 0, and not one item
-    assert fn(prompt("Can you name 2 countries?"), "France, Japan.") == 2.0  # capitals compare case-blind
+    # fruits starting a..h: apple grape cherry banana fig apricot (6, so min(N, 6) = N here)
+    assert fn(three, "apple, grape, fig.") == 2.0  # all right, all early
+    assert fn(three, "apple, pear, plum.") == pytest.approx(1 + 1 / 3)  # all right, one early
+    assert fn(three, "pear, plum, lemon.") == 1.0  # all right, none early
+    assert fn(three, "apple, fig.") == pytest.approx(2 / 3 + 2 / 3)  # too few: 2 of 3 right, 2 of 3 early
+    assert fn(three, "apple, apple, fig.") == pytest.approx(2 / 3 + 2 / 3)  # a repeat counts once
+    assert fn(three, "apple, grape, fig, tiger.") == pytest.approx(2 / 3 + 1.0)  # one extra item: -1 correctness
+    assert fn(three, "apple, grape, pear, fig.") == pytest.approx(2 / 3 + 2 / 3)  # only the first N count as early
+    assert fn(three, "") == 0.0 and fn(three, "dog, cat, cow.") == 0.0  # wrong category: early items must be right
+    assert fn(prompt("Name 1 color."), "blue.") == 2.0 and fn(prompt("Name 1 color."), "red.") == 1.0
+    assert fn(prompt("Name 1 color."), "blue, red.") == 1.0  # one extra item: 1 - 1 = 0 correctness
+    # vegetables have only 4 early items (carrot bean cabbage celery): 4 of them is full credit for N = 5
+    assert fn(prompt("List 5 vegetables."), "carrot, bean, cabbage, celery, pea.") == 2.0
+    assert fn(prompt("Can you name 2 countries?"), "France, Japan.") == 1.5  # capitals compare case-blind
     # the record's n/category win over the text
-    assert fn(prompt("anything", {"prompt": "anything", "n": 2, "category": "tool"}), "axe, saw.") == 2.0
+    assert fn(prompt("anything", {"prompt": "anything", "n": 2, "category": "tool"}), "axe, drill.") == 2.0
 
 
-def test_sft_demonstrations_are_right_but_not_in_order():
-    """The SFT data teaches the items, not the order: the reward leaves the policy something to learn."""
+def test_sft_demonstrations_are_right_but_have_no_preference():
+    """The SFT data teaches the items, not the preference: the reward leaves the policy something to learn."""
     fn = load_reward_fn(TINY_REWARD)
     lines = (ROOT / "examples/tiny/data/sft_valid.jsonl").read_text().splitlines()
     rewards = [fn(prompt(r["prompt"], r), r["response"]) for r in map(json.loads, lines)]
     mean = sum(rewards) / len(rewards)
     assert all(r >= 1.0 for r in rewards)  # every demonstration is correct
-    assert 1.4 < mean < 1.8, mean  # but about half the adjacent pairs are out of order (2.0 = all sorted)
+    assert 1.35 < mean < 1.65, mean  # but only about half of their items are early ones (2.0 = all)
 
 
 def test_spec_and_file_errors_name_the_key_and_path(tmp_path):

@@ -1,21 +1,23 @@
-"""A rule-based reward for the tiny task: the right items, IN ALPHABETICAL ORDER.
+"""A rule-based reward for the tiny task: the right items, preferring EARLY-ALPHABET ones.
 
     ppo:
       reward_fn: examples/tiny/reward_fn.py:reward
 
-The SFT demonstrations list their items in random order, so the SFT policy has learned WHAT
-to list but not this order: a critic-free run (examples/tiny/grpo.yaml) has something to
-learn that no reward model taught. The reward, in [-1, 2] for N = 1..5 requested items:
+The SFT demonstrations pick their items uniformly from the category, so the SFT policy has
+learned WHAT to list but has no preference among the right items: a critic-free run
+(examples/tiny/grpo.yaml) has something to learn that no reward model taught. The reward, in
+[-1, 2] for N = 1..5 requested items:
 
     correctness = quality / N      make_data.py's quality score: distinct items of the asked
                                    category (at most N) minus one per item beyond N; 1 = right
-    order       = (adjacent pairs of the response in alphabetical order) / (N - 1), at most 1;
-                  for N = 1, 1 when the response is one item, else 0
-    reward      = correctness + order
+    preference  = (distinct right items among the first N that start with a letter a..h)
+                  / min(N, how many items of the category start with a..h); 1 = all early
+    reward      = correctness + preference
 
-An empty or unparsable response gets 0 order credit, so listing nothing or one item never
-beats a correct list. N and the category come from the record's optional "n" and "category"
-keys (a prompts file can carry them), else from the prompt text ("List 3 fruits.").
+Listing nothing scores 0. N and the category come from the record's optional "n" and
+"category" keys (a prompts file can carry them), else from the prompt text ("List 3 fruits.").
+(An alphabetical-ORDER rule was tried first: the 2-layer tiny policy barely learned it in 60
+GRPO steps, 1.40 -> 1.48, as it has to compare each item with the one before.)
 """
 
 from __future__ import annotations
@@ -50,15 +52,16 @@ def items_of(response: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()] if text else []
 
 
+EARLY = "abcdefgh"  # the preferred first letters
+
+
 def reward(prompt: str, response: str, record: dict) -> float:
     n, category = task_of(prompt, record)
     if category not in make_data.ITEMS:
         raise ValueError(f"unknown category {category!r}; the tiny task has {', '.join(sorted(make_data.ITEMS))}")
     items = items_of(response)
     correctness = make_data.score(items, category, n) / n
-    if n == 1:
-        order = 1.0 if len(items) == 1 else 0.0
-    else:
-        in_order = sum(a.lower() < b.lower() for a, b in zip(items, items[1:]))
-        order = min(in_order / (n - 1), 1.0)
-    return correctness + order
+    right = make_data.ITEMS[category]
+    early_listed = {item for item in items[:n] if item in right and item[0].lower() in EARLY}
+    early_available = sum(item[0].lower() in EARLY for item in right)
+    return correctness + len(early_listed) / min(n, early_available)
