@@ -31,7 +31,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "hf": ["transformers>=4.44", "safetensors>=0.4"],
         "report": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "transformers>=4.44", "safetensors>=0.4", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.44", "safetensors>=0.4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["megatron-rlhf=megatron_rlhf.cli:main"]},
 )

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = ["model.hidden_size=64", "model.seq_length=48", "model.hidden_dropout=0.0"]
 QUIET = ["train.progress_bar=false", "train.tensorboard=false"]
 
 
 def cli(command, config, *overrides, popen=False):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "megatron_rlhf", command, "--config", config, *ARCH, *QUIET, *overrides]
+    cmd = [sys.executable, "-m", "megatron_rlhf", command, "--config", config, *QUIET, *overrides]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -32,33 +31,30 @@ def rows(out):
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    """A quick tiny SFT policy: it lists items of the asked category, in no particular order."""
-    out = tmp_path_factory.mktemp("grpo") / "sft"
-    r = cli("sft", "examples/tiny/sft.yaml", f"output_dir={out}", "train.max_steps=120", "train.eval_interval=0", "data.valid_path=",
-            "train.lr_warmup_steps=5")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+def sft(tiny_sft_policy):
+    """The tiny SFT policy: it lists right items of the asked category, picked uniformly."""
+    return tiny_sft_policy
 
 
 GRPO = ["train.global_batch_size=32", "ppo.samples_per_prompt=8", "ppo.mini_batch_size=16", "train.micro_batch_size=16",
-        "ppo.max_new_tokens=12", "train.lr=5e-4", "train.min_lr=5e-4"]
+        "ppo.max_new_tokens=12"]
 
 
-def test_grpo_optimises_the_rule_based_reward_without_a_critic(sft, tmp_path):
+def test_grpo_raises_the_rule_based_reward_without_a_critic(sft, tmp_path):
+    """examples/tiny/grpo.yaml for 30 steps: the SFT policy lists right items with no preference among
+    them (reward ~1.3 of 2); the rule-based reward also wants early-alphabet items, and GRPO learns it."""
     out = tmp_path / "grpo"
-    r = cli("ppo", "examples/tiny/grpo.yaml", f"output_dir={out}", f"model.init_from={sft}", "train.max_steps=30", *GRPO)
+    r = cli("ppo", "examples/tiny/grpo.yaml", f"output_dir={out}", f"model.init_from={sft}", "train.max_steps=30")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = rows(out)
     reward = [row["rollout/reward"] for row in metrics]
-    # the rule-based reward is what the run optimises: in [-1, 2] per response, and it varies
-    # within groups (else every advantage would be 0 and nothing would move)
-    assert len(reward) == 30 and all(-1.0 <= r <= 2.0 for r in reward) and len(set(reward)) > 1, reward
+    assert len(reward) == 30 and all(-1.0 <= r <= 2.0 for r in reward), reward
     assert all(row["policy/grad_norm"] > 0 for row in metrics[1:]), [row["policy/grad_norm"] for row in metrics]
+    # the mean reward of the last 10 steps against the first 10 (64 episodes a step; measured with three
+    # seeds of this run: 1.328 -> 1.479, 1.318 -> 1.438, 1.301 -> 1.522; at lr 1e-3 the rise was smaller)
+    first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
+    assert last > first + 0.08, (first, last, reward)
     assert metrics[-1]["policy/kl_loss"] > 0  # the policy left the reference; the k3 KL is a loss term
-    # (Whether the reward rises clearly on the tiny task is issue 16's open line: a 30-step run from a
-    # 120-step SFT measured 0.60 -> 0.59, first/last 8 steps; examples/tiny/grpo.yaml from the full
-    # tiny SFT measured 1.395 -> 1.483 over 60 steps.)
     assert not any(k.startswith("value/") for row in metrics for k in row)
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((latest / "meta.json").read_text())
