@@ -115,3 +115,165 @@ def test_rollout_seed_depends_on_every_seed_and_their_order():
     assert rollout_seed(seeds) != rollout_seed([11, 22, 34])
     assert rollout_seed(seeds) != rollout_seed([22, 11, 33])
     assert 0 <= rollout_seed(seeds) < 2**63
+
+
+# ----------------------------------------------------------------------------- the adapter on CPU
+# Megatron's dynamic engine is CUDA-only, but its scheduling, its context and our adapter are
+# plain torch. On CPU, with the CUDA spots pointed at the CPU (cpu_compat's proxy for the engine,
+# controller, context and allocator modules; no pinned memory, no NVTX) and the paged flash
+# attention replaced by the reference below, the whole adapter runs: requests in, steps,
+# chunked prefill, eos, the padded-vocabulary cut, the temperature, Generation out. This checks
+# our use of the engine, not flash-attn (tests/gpu does that).
+
+
+def _reference_paged_attention(self, q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table,
+                               is_decode_only):
+    """What ``Attention.flash_decode_and_prefill`` computes, in plain torch (fp32 scores).
+
+    ``q`` ``[tokens, 1, heads, d]``; ``k``/``v`` ``[blocks, block_size, kv heads, d]``; request
+    ``r`` owns queries ``cu_seqlens_q[r]:cu_seqlens_q[r+1]`` (one each when decoding), which are
+    its last positions, and keys ``0 .. seqlens_k[r]-1`` in blocks ``block_table[r]``; causal.
+    """
+    import math as _math
+
+    import torch as _torch
+
+    tokens, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
+    q3 = q.reshape(tokens, heads, d)
+    out = _torch.zeros_like(q3)
+    lengths = seqlens_k.tolist()
+    bounds = list(range(len(lengths) + 1)) if is_decode_only else cu_seqlens_q.tolist()
+    block = k.shape[1]
+    for r, kv_len in enumerate(lengths):
+        start, end = bounds[r], bounds[r + 1]
+        if kv_len <= 0 or end <= start:
+            continue
+        ids = block_table[r, : _math.ceil(kv_len / block)].long()
+        keys = k[ids].reshape(-1, k.shape[-2], d)[:kv_len].float()
+        values = v[ids].reshape(-1, v.shape[-2], d)[:kv_len].float()
+        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)
+        values = values.repeat_interleave(heads // values.shape[1], dim=1)
+        query = q3[start:end].float()
+        scores = _torch.einsum("qhd,khd->hqk", query, keys) / _math.sqrt(d)
+        positions = _torch.arange(kv_len - (end - start), kv_len)
+        scores = scores.masked_fill(_torch.arange(kv_len)[None, None, :] > positions[None, :, None], float("-inf"))
+        out[start:end] = _torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)
+    return out.unsqueeze(1)
+
+
+def _engine_on_cpu(_):
+    import collections
+
+    import torch
+
+    from megatron_rlhf import cpu_compat
+    from megatron_rlhf.config import ModelConfig, ParallelConfig
+    from megatron_rlhf.models.builder import build_model
+    from megatron_rlhf.parallel import init_distributed
+    from megatron_rlhf.rollout import dynamic, rollout
+
+    cfg = ModelConfig(flavour="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=48,
+                      precision="fp32", init_method_std=0.2)
+    init_distributed(ParallelConfig(), cfg)
+    model = build_model(cfg, ParallelConfig(), 200, seed=3)  # 200 real ids, padded to 256 rows
+
+    import megatron.core.inference.contexts.dynamic_block_allocator as allocator_module
+    import megatron.core.inference.contexts.dynamic_context as context_module
+    import megatron.core.inference.engines.dynamic_engine as engine_module
+    import megatron.core.inference.text_generation_controllers.text_generation_controller as controller_module
+    from megatron.core.inference.contexts.attention_context import mha_metadata
+    from megatron.core.transformer import attention
+
+    class NoPinnedMemory(cpu_compat._TorchOnCpu):
+        def __getattr__(self, name):
+            attr = super().__getattr__(name)
+            if callable(attr) and name in cpu_compat._FACTORIES:
+                def factory(*args, _f=attr, **kwargs):
+                    kwargs.pop("pin_memory", None)
+                    return _f(*args, **kwargs)
+                return factory
+            return attr
+
+    proxy = NoPinnedMemory()
+    for module in (allocator_module, context_module, engine_module, controller_module, mha_metadata):
+        module.torch = proxy
+    engine_module.range_push = engine_module.range_pop = lambda *args, **kwargs: None
+    attention.HAVE_FA3 = True  # the version assert; the kernel itself is replaced:
+    if attention.rearrange is None:  # einops (a flash-attn dependency) may be absent here
+        attention.rearrange = lambda x, pattern: x.reshape(x.shape[0], x.shape[1], -1)
+    attention.Attention.flash_decode_and_prefill = _reference_paged_attention
+    dynamic.dynamic_engine_unavailable = lambda: None
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 17, 5, 30, 9, 12, 1, 24]
+    prompts = [[1] + torch.randint(3, 200, (n - 1,), generator=g).tolist() for n in lengths]
+    # eos: the token our greedy responses repeat most, so that some responses end on it and others run out of budget
+    probe = rollout(model, prompts, 12, temperature=0.0, pad_id=0, vocab_size=200)
+    eos = collections.Counter(t for r in probe.responses for t in r[1:]).most_common(1)[0][0]
+    common = dict(eos_id=eos, pad_id=0, vocab_size=200)
+    # max_requests 4 < 8 prompts: queued requests enter as others finish (continuous batching);
+    # max_tokens is then 192, so the 30-token prompt's prefill shares steps with decodes
+    sampler = dynamic.DynamicRollout(model, max_requests=4, seed=0)
+    out = {"eos": eos, "plan": (sampler.plan.blocks, sampler.context.block_allocator.total_count, sampler.plan.max_tokens)}
+    out["ours"] = rollout(model, prompts, 12, temperature=0.0, **common)
+    out["dyn"] = sampler(model, prompts, 12, temperature=0.0, **common)
+    out["dyn_again"] = sampler(model, prompts, 12, temperature=0.0, **common)
+    # sampling at temperature 0.7: reproducible for the same seeds; log-probs of the tempered distribution
+    seeds = list(range(50, 58))
+    out["sampled"] = sampler(model, prompts, 12, temperature=0.7, seeds=seeds, **common)
+    out["sampled_again"] = sampler(model, prompts, 12, temperature=0.7, seeds=seeds, **common)
+    out["sampled_other"] = sampler(model, prompts, 12, temperature=0.7, seeds=[s + 1 for s in seeds], **common)
+    rescored = []
+    with torch.no_grad():
+        for seq, p in zip(out["sampled"].sequences, out["sampled"].prompt_lengths):
+            logits = model(torch.tensor([seq]), torch.arange(len(seq))[None], None)[0, p - 1 : len(seq) - 1, :200].float()
+            logprobs = torch.log_softmax(logits / 0.7, dim=-1)
+            rescored.append(logprobs.gather(-1, torch.tensor(seq[p:])[:, None])[:, 0].tolist())
+    out["rescored"] = rescored
+    # a budget cut by the context: 45 + 12 > 48 leaves 3 tokens
+    out["near_context"] = sampler(model, [[1] * 45], 12, temperature=0.0, **common)
+    # the module's weights, changed in place after the engine was built: all logits 0 -> argmax is id 0
+    out["training_mode_kept"] = model.training
+    with torch.no_grad():
+        model.decoder.final_layernorm.weight.zero_()
+    out["zeroed"] = sampler(model, prompts[:2], 3, temperature=0.0, **common).responses
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_engine():
+    from dist_utils import run_single
+
+    return run_single(_engine_on_cpu, None)
+
+
+def test_the_context_is_sized_as_planned(cpu_engine):
+    blocks, total, max_tokens = cpu_engine["plan"]
+    assert blocks == 4 and total == 5  # 4 requests x 1 block of 256 tokens, + Megatron's dummy block
+    assert max_tokens == 192  # 4 x 48 tokens, rounded up to 64
+
+
+def test_greedy_adapter_gives_our_tokens_on_cpu(cpu_engine):
+    ours, dyn = cpu_engine["ours"], cpu_engine["dyn"]
+    assert any(ours.finished) and not all(ours.finished)  # eos and the budget both end responses here
+    assert dyn == ours  # sequences, lengths, finished (log-probs are not compared by ==)
+    for a, b in zip(ours.logprobs, dyn.logprobs):
+        assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert cpu_engine["dyn_again"] == dyn
+
+
+def test_sampling_adapter_is_seeded_and_scores_the_tempered_distribution(cpu_engine):
+    sampled, eos = cpu_engine["sampled"], cpu_engine["eos"]
+    assert sampled == cpu_engine["sampled_again"] and sampled != cpu_engine["sampled_other"]
+    assert all(0 <= t < 200 for r in sampled.responses for t in r)  # never a padded id (200..255)
+    for r, f in zip(sampled.responses, sampled.finished):
+        assert 1 <= len(r) <= 12 and f == (r[-1] == eos) and eos not in r[:-1]
+    for got, want in zip(sampled.logprobs, cpu_engine["rescored"]):
+        assert len(got) == len(want) and max(abs(x - y) for x, y in zip(got, want)) < 1e-4
+
+
+def test_adapter_respects_the_context_and_the_modules_current_weights(cpu_engine):
+    near = cpu_engine["near_context"]
+    assert near.response_lengths[0] <= 3 and len(near.sequences[0]) <= 48
+    assert cpu_engine["training_mode_kept"]  # put back in train mode after each rollout
+    assert cpu_engine["zeroed"] == [[0, 0, 0], [0, 0, 0]]

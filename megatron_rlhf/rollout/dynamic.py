@@ -49,7 +49,7 @@ What differs from our engine (``rollout/engine.py``):
   spec): it calls ``Attention.flash_decode_and_prefill``, i.e. ``flash_attn_varlen_func``
   / ``flash_attn_with_kvcache`` with a block table (flash-attn >= 2.7.3) or FlashAttention-3.
   So no other layer spec is needed, the training model serves as it is, and the requirement
-  is that package (checked before anything is built) and half-precision weights (flash
+  is that package and einops (checked before anything is built) and half-precision weights (flash
   attention has no fp32 kernels: ``model.precision=fp32`` is refused). RoPE goes through the
   context (``apply_rotary_emb_query/key``) at each token's own position.
 - **Padded vocabulary.** The dynamic sampler never receives the real vocabulary size; our
@@ -97,6 +97,8 @@ def dynamic_engine_unavailable() -> Optional[str]:
         return "torch.cuda.is_available() is False"
     from megatron.core.transformer import attention
 
+    if attention.rearrange is None:
+        return "einops is not installed (the dynamic context's attention reshapes with einops.rearrange: pip install einops)"
     if attention.HAVE_FA3:
         return None
     if attention.flash_attn_varlen_func is None or attention.flash_attn_with_kvcache is None:
@@ -236,8 +238,6 @@ class DynamicRollout:
 
         self.model = unwrap(model)
         config = self.model.config
-        if config.params_dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"the dynamic engine needs bf16 or fp16 weights (flash attention), the model has {config.params_dtype}")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.max_sequence_length = int(max_sequence_length or self.model.max_sequence_length)
