@@ -161,7 +161,7 @@ def _reference_paged_attention(self, q, k, v, max_seqlen_q, max_seqlen_k, cu_seq
     return out.unsqueeze(1)
 
 
-def _engine_on_cpu(_):
+def _engine_on_cpu(tp: int, full: bool = True):
     import collections
 
     import torch
@@ -174,8 +174,9 @@ def _engine_on_cpu(_):
 
     cfg = ModelConfig(flavour="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=48,
                       precision="fp32", init_method_std=0.2)
-    init_distributed(ParallelConfig(), cfg)
-    model = build_model(cfg, ParallelConfig(), 200, seed=3)  # 200 real ids, padded to 256 rows
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    init_distributed(parallel, cfg)
+    model = build_model(cfg, parallel, 200, seed=3)  # 200 real ids, padded to 256 rows
 
     import megatron.core.inference.contexts.dynamic_block_allocator as allocator_module
     import megatron.core.inference.contexts.dynamic_context as context_module
@@ -218,6 +219,8 @@ def _engine_on_cpu(_):
     out["ours"] = rollout(model, prompts, 12, temperature=0.0, **common)
     out["dyn"] = sampler(model, prompts, 12, temperature=0.0, **common)
     out["dyn_again"] = sampler(model, prompts, 12, temperature=0.0, **common)
+    if not full:
+        return out
     # sampling at temperature 0.7: reproducible for the same seeds; log-probs of the tempered distribution
     seeds = list(range(50, 58))
     out["sampled"] = sampler(model, prompts, 12, temperature=0.7, seeds=seeds, **common)
@@ -244,7 +247,14 @@ def _engine_on_cpu(_):
 def cpu_engine():
     from dist_utils import run_single
 
-    return run_single(_engine_on_cpu, None)
+    return run_single(_engine_on_cpu, 1)
+
+
+@pytest.fixture(scope="module")
+def cpu_engine_tp2():
+    from dist_utils import run_distributed
+
+    return run_distributed(_engine_on_cpu, 2, 2, False)
 
 
 def test_the_context_is_sized_as_planned(cpu_engine):
@@ -260,6 +270,15 @@ def test_greedy_adapter_gives_our_tokens_on_cpu(cpu_engine):
     for a, b in zip(ours.logprobs, dyn.logprobs):
         assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert cpu_engine["dyn_again"] == dyn
+
+
+def test_greedy_adapter_gives_our_tokens_at_tp2(cpu_engine_tp2):
+    """Each TP rank holds 1 of the 2 KV heads in its context; the logits are gathered over TP
+    and every rank samples the same tokens."""
+    first, second = cpu_engine_tp2
+    assert first["plan"] == (4, 5, 192)
+    assert first["dyn"] == first["ours"] and second["dyn"] == second["ours"] == first["ours"]
+    assert first["dyn_again"] == first["dyn"]
 
 
 def test_sampling_adapter_is_seeded_and_scores_the_tempered_distribution(cpu_engine):
