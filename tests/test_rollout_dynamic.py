@@ -161,22 +161,10 @@ def _reference_paged_attention(self, q, k, v, max_seqlen_q, max_seqlen_k, cu_seq
     return out.unsqueeze(1)
 
 
-def _engine_on_cpu(tp: int, full: bool = True):
-    import collections
-
-    import torch
-
+def _dynamic_engine_on_cpu():
+    """Point the dynamic engine's CUDA spots at the CPU and give it the reference attention (test-only, this process)."""
     from megatron_rlhf import cpu_compat
-    from megatron_rlhf.config import ModelConfig, ParallelConfig
-    from megatron_rlhf.models.builder import build_model
-    from megatron_rlhf.parallel import init_distributed
-    from megatron_rlhf.rollout import dynamic, rollout
-
-    cfg = ModelConfig(flavour="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=48,
-                      precision="fp32", init_method_std=0.2)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp)
-    init_distributed(parallel, cfg)
-    model = build_model(cfg, parallel, 200, seed=3)  # 200 real ids, padded to 256 rows
+    from megatron_rlhf.rollout import dynamic
 
     import megatron.core.inference.contexts.dynamic_block_allocator as allocator_module
     import megatron.core.inference.contexts.dynamic_context as context_module
@@ -205,6 +193,24 @@ def _engine_on_cpu(tp: int, full: bool = True):
     attention.Attention.flash_decode_and_prefill = _reference_paged_attention
     dynamic.dynamic_engine_unavailable = lambda: None
 
+
+def _engine_on_cpu(tp: int, full: bool = True):
+    import collections
+
+    import torch
+
+    from megatron_rlhf.config import ModelConfig, ParallelConfig
+    from megatron_rlhf.models.builder import build_model
+    from megatron_rlhf.parallel import init_distributed
+    from megatron_rlhf.rollout import dynamic, rollout
+
+    cfg = ModelConfig(flavour="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=48,
+                      precision="fp32", init_method_std=0.2)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    init_distributed(parallel, cfg)
+    model = build_model(cfg, parallel, 200, seed=3)  # 200 real ids, padded to 256 rows
+
+    _dynamic_engine_on_cpu()
     g = torch.Generator().manual_seed(0)
     lengths = [3, 17, 5, 30, 9, 12, 1, 24]
     prompts = [[1] + torch.randint(3, 200, (n - 1,), generator=g).tolist() for n in lengths]
@@ -235,6 +241,12 @@ def _engine_on_cpu(tp: int, full: bool = True):
     out["rescored"] = rescored
     # a budget cut by the context: 45 + 12 > 48 leaves 3 tokens
     out["near_context"] = sampler(model, [[1] * 45], 12, temperature=0.0, **common)
+    # training right after a rollout, at the width the engine's RoPE used (seq_length), where
+    # RoPE's lru_cache would return what the rollout cached under inference_mode
+    tokens = torch.randint(0, 200, (2, 48), generator=g)
+    model(tokens, torch.arange(48).expand(2, -1), None).float().square().mean().backward()
+    out["backward_after_rollout"] = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.zero_grad()
     # the module's weights, changed in place after the engine was built: all logits 0 -> argmax is id 0
     out["training_mode_kept"] = model.training
     with torch.no_grad():
@@ -295,4 +307,56 @@ def test_adapter_respects_the_context_and_the_modules_current_weights(cpu_engine
     near = cpu_engine["near_context"]
     assert near.response_lengths[0] <= 3 and len(near.sequences[0]) <= 48
     assert cpu_engine["training_mode_kept"]  # put back in train mode after each rollout
+    assert cpu_engine["backward_after_rollout"]
     assert cpu_engine["zeroed"] == [[0, 0, 0], [0, 0, 0]]
+
+
+def _ppo_with_the_dynamic_engine(root: str):
+    """Two PPO iterations (Llama: RoPE) with ppo.rollout_engine=dynamic, through the recipe."""
+    import torch
+
+    from megatron_rlhf import checkpoint as ckpt_lib
+    from megatron_rlhf.config import Config, ModelConfig, ParallelConfig
+    from megatron_rlhf.data import Tokenizer
+    from megatron_rlhf.models.builder import build_model, unwrap
+    from megatron_rlhf.parallel import init_distributed
+    from megatron_rlhf.recipes import ppo as ppo_recipe
+    from megatron_rlhf.rollout.dynamic import DynamicRollout
+    from megatron_rlhf.training.loop import setup
+
+    arch = dict(flavour="llama", num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, seq_length=40)
+    tokenizer = Tokenizer.load(ROOT / "examples/tiny/tokenizer.model")
+    sft = Config(stage="sft", model=ModelConfig(tokenizer=str(ROOT / "examples/tiny/tokenizer.model"), precision="fp32", **arch))
+    init_distributed(sft.parallel, sft.model)
+    policy = build_model(sft.model, ParallelConfig(), tokenizer.vocab_size, seed=1)
+    ckpt_lib.save_checkpoint(Path(root) / "sft" / "checkpoints", 1, {"model": policy}, ckpt_lib.checkpoint_meta(sft, tokenizer, "policy"),
+                             tokenizer_bytes=tokenizer.serialized_model())
+    _dynamic_engine_on_cpu()
+    ppo_recipe.check_dynamic_config = lambda cfg: None  # it refuses fp32 and CPU: the two things this test fakes
+    overrides = [f"model.{k}={v}" for k, v in arch.items()] + [
+        "model.precision=fp32", f"model.init_from={Path(root) / 'sft'}", f"output_dir={Path(root) / 'ppo'}", "ppo.rollout_engine=dynamic",
+        "ppo.reward_model=", "ppo.reward_fn=examples/tiny/reward_fn.py:reward", "ppo.pretrain_path=", "ppo.ptx_coef=0",
+        "ppo.critic_warmup_steps=0", "train.global_batch_size=16", "train.micro_batch_size=8", "ppo.mini_batch_size=8",
+        "ppo.max_new_tokens=8", "train.max_steps=2", *["train.progress_bar=false", "train.tensorboard=false"]]
+    cfg = load_config(str(ROOT / "examples/tiny/ppo.yaml"), overrides, stage="ppo")
+    trainer = ppo_recipe.PPORecipe(setup(cfg))
+    engine = trainer.generate
+    start = {k: v.detach().clone() for k, v in unwrap(trainer.actor).named_parameters()}
+    rows = []
+    for step in range(2):
+        episodes, metrics = trainer.rollout(step)
+        update = trainer.update(episodes, step)  # a backward after an inference_mode rollout (RoPE's cache)
+        rows.append({**metrics, **{k: v for k, v in update.items() if isinstance(v, float)}})
+    moved = max((v - dict(unwrap(trainer.actor).named_parameters())[k]).abs().max().item() for k, v in start.items())
+    return dict(is_dynamic=isinstance(engine, DynamicRollout), same_engine=trainer.generate is engine,
+                engine_model_is_actor=engine.model is unwrap(trainer.actor), rows=rows, moved=moved)
+
+
+def test_ppo_recipe_runs_two_steps_with_the_dynamic_engine_on_cpu(tmp_path):
+    from dist_utils import run_single
+
+    r = run_single(_ppo_with_the_dynamic_engine, str(tmp_path))
+    assert r["is_dynamic"] and r["same_engine"] and r["engine_model_is_actor"]
+    assert len(r["rows"]) == 2 and all(math.isfinite(v) for row in r["rows"] for v in row.values() if isinstance(v, float))
+    assert all(row["rollout/response_length"] > 0 for row in r["rows"])
+    assert r["moved"] > 0  # the actor trained between the two rollouts

@@ -57,9 +57,11 @@ What differs from our engine (``rollout/engine.py``):
 - **CUDA graphs** are off (``model.config.cuda_graph_impl`` stays ``"none"``): capturing them
   changes how the layers are built for training too. Chunked prefill is on.
 - **RoPE cache.** ``RotaryEmbedding.forward`` is an ``lru_cache``; the engine runs under
-  ``torch.inference_mode()``, and an inference tensor left in that cache breaks the next
-  training backward ("Inference tensors cannot be saved for backward"). The cache is cleared
-  before and after every rollout (NVIDIA's ``megatron_rl_inference_mode`` does the same).
+  ``torch.inference_mode()``, so it caches an inference tensor, which the next training step
+  of the same length gets back. Megatron's unfused RoPE only reads it (a CPU test trains right
+  after a rollout), but an op that saves it for backward (a fused RoPE kernel) fails with
+  "Inference tensors cannot be saved for backward". The cache is cleared before and after
+  every rollout, as NVIDIA's ``megatron_rl_inference_mode`` does.
 - Not supported with it: FP8 (the wrapper's FP8 preparation re-wraps the model, which must
   stay the module the optimizer updates) and fp32 weights (above). Pipeline parallelism goes
   through the engine's own stage-to-stage path (one batch through the stages at a time).
