@@ -63,7 +63,7 @@ What differs from our engine (``rollout/engine.py``):
   "Inference tensors cannot be saved for backward". The cache is cleared before and after
   every rollout, as NVIDIA's ``megatron_rl_inference_mode`` does.
 - Not supported with it: FP8 (the wrapper's FP8 preparation re-wraps the model, which must
-  stay the module the optimizer updates) and fp32 weights (above). Pipeline parallelism goes
+  stay the module the optimizer updates; our engine refuses FP8 too) and fp32 weights (above). Pipeline parallelism goes
   through the engine's own stage-to-stage path (one batch through the stages at a time).
 """
 
@@ -128,8 +128,8 @@ def check_dynamic_config(cfg: Config) -> None:
         )
     if model.fp8:
         raise ConfigError(
-            f"ppo.rollout_engine=dynamic does not support model.fp8={model.fp8} (Megatron's FP8 inference preparation "
-            "re-wraps the actor); unset model.fp8 or set ppo.rollout_engine=builtin"
+            f"ppo.rollout_engine=dynamic does not support model.fp8={model.fp8} (Megatron's FP8 inference path re-wraps the "
+            "model, and the engine must run the very module the optimizer updates); unset model.fp8"
         )
     reason = dynamic_engine_unavailable()
     if reason:
