@@ -254,7 +254,7 @@ class PPOConfig:
     # prompt (0: all of this rank's prompts at once)
     rollout_slots: int = 0
     # builtin: our engine (rollout/engine.py; any device). dynamic: Megatron-Core's
-    # DynamicInferenceEngine (rollout/dynamic.py; CUDA, flash-attn and bf16/fp16 weights only)
+    # DynamicInferenceEngine (rollout/dynamic.py; CUDA, flash-attn and bf16 weights only)
     rollout_engine: str = "builtin"  # builtin | dynamic
     # Critic-free RL. gae: PPO's critic (InstructGPT). grpo: group-normalised rewards of the
     # samples_per_prompt responses to a prompt (Shao et al. 2024); rloo: leave-one-out baseline

@@ -249,6 +249,7 @@ class PPORecipe:
         picked = [i for i in rank_slice(indices, ctx.dp, ctx.dp_rank) for _ in range(n)]
         mine = [self.prompts[i] for i in picked]
         # one sampling stream per (step, prompt, sample): the episodes do not depend on the DP size
+        # (the dynamic engine draws from one stream per rank, seeded from all of them)
         seeds = [_seed(cfg.train.seed, step, i, j % n) for j, i in enumerate(picked)]
         t0 = time.perf_counter()
         gen = self.generate(self.actor, [p.ids for p in mine], ppo.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=ppo.temperature,
