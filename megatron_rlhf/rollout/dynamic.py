@@ -42,7 +42,7 @@ What differs from our engine (``rollout/engine.py``):
   (below), so top-k/top-p see the tempered logits, as in ours.
 - **Log-probs.** ``Generation.logprobs`` are the engine's: ``log_softmax`` of the step's
   logits after our wrapper cut the padded vocabulary and divided by the temperature, i.e.
-  ours (the tempered distribution before top-k/top-p), but from bf16/fp16 logits. PPO does
+  ours (the tempered distribution before top-k/top-p), but from bf16 logits. PPO does
   not use them: it re-scores every episode with ``sequence_logprobs``.
 - **Attention.** With a dynamic context, Megatron's ``Attention.forward`` never calls the
   layer spec's ``core_attention`` (our ``SDPAttention`` on the local spec, TE's on the TE
@@ -54,8 +54,9 @@ What differs from our engine (``rollout/engine.py``):
   context (``apply_rotary_emb_query/key``) at each token's own position.
 - **Padded vocabulary.** The dynamic sampler never receives the real vocabulary size; our
   wrapper sets the logits of the padding ids to ``-inf``, so they are never sampled (as in ours).
-- **CUDA graphs** are off (``model.config.cuda_graph_impl`` stays ``"none"``): capturing them
-  changes how the layers are built for training too. Chunked prefill is on.
+- **CUDA graphs** are off (``model.config.cuda_graph_impl`` stays ``"none"``): they would have
+  to be chosen when the model is built, which changes the training forward too (NVIDIA toggles
+  them around each rollout). Chunked prefill is on.
 - **RoPE cache.** ``RotaryEmbedding.forward`` is an ``lru_cache``; the engine runs under
   ``torch.inference_mode()``, so it caches an inference tensor, which the next training step
   of the same length gets back. Megatron's unfused RoPE only reads it (a CPU test trains right
@@ -63,8 +64,15 @@ What differs from our engine (``rollout/engine.py``):
   "Inference tensors cannot be saved for backward". The cache is cleared before and after
   every rollout, as NVIDIA's ``megatron_rl_inference_mode`` does.
 - Not supported with it: FP8 (the wrapper's FP8 preparation re-wraps the model, which must
-  stay the module the optimizer updates; our engine refuses FP8 too) and fp32 weights (above). Pipeline parallelism goes
-  through the engine's own stage-to-stage path (one batch through the stages at a time).
+  stay the module the optimizer updates; our engine refuses FP8 too) and fp32 weights (above).
+  Pipeline parallelism goes through the engine's own stage-to-stage path (one batch through
+  the stages at a time).
+
+Checked on CPU (tests/test_rollout_dynamic.py): this adapter on Megatron's real engine,
+controller and context, their CUDA calls pointed at the CPU and a reference paged attention in
+place of flash-attn (greedy tokens and log-probs equal ours at TP=1 and TP=2; two PPO steps
+through the recipe). The flash-attn kernels, BF16 and PP=2 only on a GPU
+(tests/gpu/test_gpu_dynamic_rollout.py).
 """
 
 from __future__ import annotations
