@@ -166,6 +166,7 @@ def _dynamic_engine_on_cpu():
     from megatron_rlhf import cpu_compat
     from megatron_rlhf.rollout import dynamic
 
+    import megatron.core.inference.communication_utils as communication_module
     import megatron.core.inference.contexts.dynamic_block_allocator as allocator_module
     import megatron.core.inference.contexts.dynamic_context as context_module
     import megatron.core.inference.engines.dynamic_engine as engine_module
@@ -184,8 +185,9 @@ def _dynamic_engine_on_cpu():
             return attr
 
     proxy = NoPinnedMemory()
-    for module in (allocator_module, context_module, engine_module, controller_module, mha_metadata):
+    for module in (allocator_module, context_module, engine_module, controller_module, mha_metadata, communication_module):
         module.torch = proxy
+    communication_module._is_cuda = lambda tensor: None  # PP: stage-to-stage transfers over gloo
     engine_module.range_push = engine_module.range_pop = lambda *args, **kwargs: None
     attention.HAVE_FA3 = True  # the version assert; the kernel itself is replaced:
     if attention.rearrange is None:  # einops (a flash-attn dependency) may be absent here
@@ -194,7 +196,7 @@ def _dynamic_engine_on_cpu():
     dynamic.dynamic_engine_unavailable = lambda: None
 
 
-def _engine_on_cpu(tp: int, full: bool = True):
+def _engine_on_cpu(tp: int, full: bool = True, pp: int = 1):
     import collections
 
     import torch
@@ -206,7 +208,7 @@ def _engine_on_cpu(tp: int, full: bool = True):
 
     cfg = ModelConfig(flavour="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=48,
                       precision="fp32", init_method_std=0.2)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     init_distributed(parallel, cfg)
     model = build_model(cfg, parallel, 200, seed=3)  # 200 real ids, padded to 256 rows
 
@@ -269,6 +271,13 @@ def cpu_engine_tp2():
     return run_distributed(_engine_on_cpu, 2, 2, False)
 
 
+@pytest.fixture(scope="module")
+def cpu_engine_pp2():
+    from dist_utils import run_distributed
+
+    return run_distributed(_engine_on_cpu, 2, 1, False, 2)
+
+
 def test_the_context_is_sized_as_planned(cpu_engine):
     blocks, total, max_tokens = cpu_engine["plan"]
     assert blocks == 4 and total == 5  # 4 requests x 1 block of 256 tokens, + Megatron's dummy block
@@ -289,6 +298,15 @@ def test_greedy_adapter_gives_our_tokens_at_tp2(cpu_engine_tp2):
     and every rank samples the same tokens."""
     first, second = cpu_engine_tp2
     assert first["plan"] == (4, 5, 192)
+    assert first["dyn"] == first["ours"] and second["dyn"] == second["ours"] == first["ours"]
+    assert first["dyn_again"] == first["dyn"]
+
+
+def test_greedy_adapter_gives_our_tokens_at_pp2(cpu_engine_pp2):
+    """One layer per stage: each stage's context holds its own layer's KV cache; hidden states go
+    stage to stage and the last stage's (cut) logits are broadcast back, so both stages sample
+    the same tokens."""
+    first, second = cpu_engine_pp2
     assert first["dyn"] == first["ours"] and second["dyn"] == second["ours"] == first["ours"]
     assert first["dyn_again"] == first["dyn"]
 
