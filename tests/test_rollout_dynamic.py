@@ -1,6 +1,8 @@
-"""``ppo.rollout_engine=dynamic`` on CPU: the config key and its refusals, and the pure helpers of
-``rollout/dynamic.py`` (sampling-parameter mapping, KV-buffer sizing, the rollout seed). The
-engine itself needs CUDA: tests/gpu/test_gpu_dynamic_rollout.py."""
+"""``ppo.rollout_engine=dynamic`` on CPU: the config key and its refusals, the pure helpers of
+``rollout/dynamic.py`` (sampling-parameter mapping, KV-buffer sizing, the rollout seed), and the
+adapter itself on Megatron's real dynamic engine with its CUDA calls pointed at the CPU and a
+reference paged attention (TP=1, TP=2, PP=2, and two PPO steps through the recipe). The
+flash-attn kernels and BF16 need a GPU: tests/gpu/test_gpu_dynamic_rollout.py."""
 
 from __future__ import annotations
 

@@ -70,8 +70,8 @@ What differs from our engine (``rollout/engine.py``):
 
 Checked on CPU (tests/test_rollout_dynamic.py): this adapter on Megatron's real engine,
 controller and context, their CUDA calls pointed at the CPU and a reference paged attention in
-place of flash-attn (greedy tokens and log-probs equal ours at TP=1 and TP=2; two PPO steps
-through the recipe). The flash-attn kernels, BF16 and PP=2 only on a GPU
+place of flash-attn (greedy tokens equal ours at TP=1, TP=2 and PP=2, log-probs at TP=1; two
+PPO steps through the recipe). The flash-attn kernels and BF16 only on a GPU
 (tests/gpu/test_gpu_dynamic_rollout.py).
 """
 
