@@ -256,6 +256,13 @@ def _engine_on_cpu(tp: int, full: bool = True, pp: int = 1):
     with torch.no_grad():
         model.decoder.final_layernorm.weight.zero_()
     out["zeroed"] = sampler(model, prompts[:2], 3, temperature=0.0, **common).responses
+    # an engine that never schedules its requests: an error, not a hang
+    sampler.engine.schedule_waiting_requests = lambda: None
+    try:
+        sampler(model, prompts[:2], 3, temperature=0.0, **common)
+        out["stuck"] = "returned"
+    except RuntimeError as exc:
+        out["stuck"] = str(exc)
     return out
 
 
@@ -329,6 +336,7 @@ def test_adapter_respects_the_context_and_the_modules_current_weights(cpu_engine
     assert cpu_engine["training_mode_kept"]  # put back in train mode after each rollout
     assert cpu_engine["backward_after_rollout"]
     assert cpu_engine["zeroed"] == [[0, 0, 0], [0, 0, 0]]
+    assert cpu_engine["stuck"].startswith("dynamic engine: 2 requests still unfinished after 28 steps (no progress); 2 waiting")
 
 
 def _ppo_with_the_dynamic_engine(root: str):

@@ -344,9 +344,15 @@ class DynamicRollout:
                 params = SamplingParams(**sampling, return_log_probs=True, skip_prompt_log_probs=True,
                                         num_tokens_to_generate=min(max_new_tokens, context - lengths[i]), termination_id=termination)
                 self.engine.add_request(i, prompt, params)
-            records = []
+            # every step that runs moves each of its requests on by at least one token
+            max_steps = sum(lengths) + sum(min(max_new_tokens, context - n) for n in lengths) + b
+            records, steps = [], 0
             while self.engine.has_unfinished_requests():
+                if steps == max_steps:
+                    raise RuntimeError(f"dynamic engine: {b} requests still unfinished after {steps} steps (no progress); "
+                                       f"{len(self.engine.waiting_request_ids)} waiting to be scheduled")
                 records.extend(self.engine.step_modern()["finished_request_records"])
+                steps += 1
         finally:
             _clear_rotary_cache(self.model)
             self.model.train(was_training)
