@@ -2,20 +2,24 @@
 # The GPU acceptance run (issues 7 and 18) on one H100/H200, in one command, within a time budget:
 #   1. prepare   tools/prepare_gpu.sh: install a wheel folder (megatron-core...), report the machine
 #   2. tests     pytest -m gpu (tests/gpu/: TE vs local spec, FP8, BF16 optimizer + clipping,
-#                distributed optimizer save/resume, CUDA greedy = CPU, sequence parallelism, tiny pipeline)
+#                distributed optimizer save/resume, CUDA greedy = CPU, sequence parallelism, tiny pipeline,
+#                the dynamic rollout engine)
 #   3. sft       SFT throughput, 1.3B Llama, seq 2048, BF16, with the transformers baseline
 #   4. ppo       one PPO-ptx iteration, 1.3B Llama, 64 prompts x 512 new tokens (generate / score / train),
 #                with the transformers loop
 #   5. fp8       the same SFT in FP8 (only where Transformer Engine imports)
 #   6. memory    SFT 350M BF16: a second measured peak for the memory planner
-#   7. summary   bench/summarize.py: README rows, measured peaks vs tools/plan_memory.py, met/missed per target
+#   7. rollout   our rollout engine vs Megatron-Core's dynamic engine (ppo.rollout_engine=dynamic), BF16,
+#                tokens/s (bench/rollout.py --parts dynamic; only where flash-attn imports)
+#   8. summary   bench/summarize.py: README rows, measured peaks vs tools/plan_memory.py, met/missed per target
 #
 #   bench/gpu_acceptance.sh [--out DIR] [--budget SECONDS] [--wheels DIR] [--no-tests] [--no-bench]
 #   bench/gpu_acceptance.sh --dry-run [--out DIR]     # on a CPU: the plumbing with tiny shapes, in ~3 minutes
 #
 # --out      where everything goes (default: $OUT if set, else runs/gpu_acceptance), at most 8 files:
 #            acceptance.log (all output), pytest.log, summary.md, and the result JSON files named as
-#            bench/results/ names them (sft_1.3b_llama_bf16_rc-none_nvidia_h200.json, ...). Copy the
+#            bench/results/ names them (sft_1.3b_llama_bf16_rc-none_nvidia_h200.json, ...,
+#            rollout_4x256_llama_v32000_nvidia_h200.json; its rows also go into summary.md). Copy the
 #            JSON files into bench/results/, then: python bench/summarize.py --readme README.md bench/results/*.json
 # --budget   seconds for the whole run (default 540): each step gets what is left, capped, and a
 #            step that cannot get its minimum is skipped and says so; the summary always runs.
@@ -155,6 +159,7 @@ fi
 SFT_JSON=$OUTDIR/sft_${PRESET}_llama_${PREC}_rc-none_${DEVICE_TAG}.json
 FP8_JSON=$OUTDIR/sft_${PRESET}_llama_fp8_rc-none_${DEVICE_TAG}.json
 MEM_JSON=$OUTDIR/sft_${MEM_PRESET}_${MEM_FLAVOUR}_${PREC}_rc-none_${DEVICE_TAG}.json
+ROLLOUT_JSON=$OUTDIR/rollout_4x256_llama_v32000_${DEVICE_TAG}.json
 PPO_JSON=$OUTDIR/ppo_${PRESET}_llama_${PREC}_b${PPO_B}_n${PPO_N}_${DEVICE_TAG}.json
 SFT=("$PY" bench/sft_throughput.py --seq-length "$SEQ" --micro-batch-size "$MBS" --steps "$STEPS_N" --warmup "$WARMUP"
      --precision "$PREC" --timeout 600)
@@ -182,11 +187,18 @@ if [ "$BENCH" = 1 ]; then
     skip "sft ${PRESET} fp8" "Transformer Engine not importable or the GPU has no FP8"
   fi
   step "sft ${MEM_PRESET} ${PREC} (memory)" 75 30 "${SFT[@]}" --preset "$MEM_PRESET" --flavour "$MEM_FLAVOUR" --no-baseline --output "$MEM_JSON"
+  if [ "$DRY" = 1 ]; then
+    skip "rollout builtin vs dynamic" "dry run (the dynamic engine needs CUDA and flash-attn)"
+  elif timeout 120 "$PY" -c "from megatron_rlhf.rollout.dynamic import dynamic_engine_unavailable as u; import sys; sys.exit(1 if u() else 0)" 2>/dev/null; then
+    step "rollout builtin vs dynamic" 120 45 "$PY" bench/rollout.py --parts dynamic --skip-before --repeats 3 --output "$ROLLOUT_JSON"
+  else
+    skip "rollout builtin vs dynamic" "flash-attn >= 2.7.3 / einops not importable"
+  fi
 else
   skip "benchmarks" "--no-bench"
 fi
 
-# ----------------------------------------------------------------------------- 7. summary
+# ----------------------------------------------------------------------------- 8. summary
 SUMMARY=$OUTDIR/summary.md
 {
   echo "# GPU acceptance: $DEVICE_TAG, $(date -u +%Y-%m-%d)"
@@ -207,6 +219,9 @@ SUMMARY=$OUTDIR/summary.md
     echo
   fi
 } >"$SUMMARY"
+if [ -f "$ROLLOUT_JSON" ]; then
+  { echo "## Rollouts: builtin vs dynamic engine"; echo; "$PY" bench/rollout.py --rows --output "$ROLLOUT_JSON"; echo; } >>"$SUMMARY" 2>>"$LOG"
+fi
 shopt -s nullglob
 results=("$OUTDIR"/sft_*.json "$OUTDIR"/ppo_*.json)
 if [ ${#results[@]} -gt 0 ]; then

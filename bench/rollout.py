@@ -2,6 +2,7 @@
 
     python bench/rollout.py                          # the issue-15 shape, CPU: about 5 minutes
     python bench/rollout.py --preset tiny --batch 4 --max-new-tokens 8 --eos-prompts 8 --slots 4   # smoke
+    python bench/rollout.py --parts dynamic --skip-before   # GPU: ours vs Megatron-Core's dynamic engine
 
 Three measurements, each in its own process, each timing its contenders alternately in that
 process (best of ``--repeats`` after one warm-up), so a ratio is measured under the same
@@ -20,6 +21,13 @@ conditions on a shared machine:
 * ``pp2``: two gloo processes, pipeline parallel size 2, ``--batch`` prompts (equal and varied
   lengths), no eos: ours with two micro-batch groups in flight vs ours with one vs the engine
   before.
+* ``dynamic`` (GPU only; not in the default ``--parts``): ours (``rollout``) vs Megatron-Core's
+  ``DynamicInferenceEngine`` (``ppo.rollout_engine=dynamic``) on the same model in BF16 (the
+  dynamic engine's flash attention has no fp32 kernels), tokens/s:
+  ``--batch`` prompts equal and varied, no eos, temperature 1; and the ``eos`` shape (``--eos-prompts``
+  through ``--slots`` slots / requests in flight, eos-varied responses). Both engines sample
+  (not the same tokens: their random streams differ); with no eos both generate exactly
+  ``--max-new-tokens`` per prompt.
 
 Results go to ``bench/results/rollout_<shape>_cpu.json``; ``--rows`` prints the README rows: the
 ratio of the best times, and the median over repeats of the ratio of back-to-back timings.
@@ -244,7 +252,48 @@ def child_pp2(spec):
         return json.loads(out_path.read_text())
 
 
-PARTS = {"pp1": child_pp1, "eos": child_eos, "pp2": child_pp2}
+def child_dynamic(spec):
+    import math
+
+    from megatron_rlhf.rollout import rollout
+    from megatron_rlhf.rollout.dynamic import DynamicRollout
+
+    model = _setup(dict(spec, model=dict(spec["model"], precision=spec["dynamic_precision"], transformer_impl="auto")))
+    b, new, slots = spec["batch"], spec["max_new_tokens"], spec["slots"]
+    engine = DynamicRollout(model, max_requests=b, seed=spec["seed"])
+    out = {"kv_buffer_gib": engine.plan.buffer_bytes / 1024**3, "precision": spec["dynamic_precision"]}
+    for shape in ("equal", "varied"):
+        prompts = _prompts(spec, b, shape == "varied", spec["seed"])
+
+        def ours(prompts=prompts):
+            return sum(rollout(model, prompts, new, temperature=1.0, seeds=list(range(b))).response_lengths)
+
+        def dynamic(prompts=prompts):
+            return sum(engine(model, prompts, new, temperature=1.0, seeds=list(range(b))).response_lengths)
+
+        out[shape] = _best({"builtin": ours, "dynamic": dynamic}, spec["repeats"])
+    count, vocab, eos = spec["eos_prompts"], spec["model"]["vocab_size"], 2
+    prompts = _prompts(spec, count, True, spec["seed"] + 1)
+    _eos_hook(model, eos, math.log(vocab / (spec["eos_mean"] - 1)))
+    sized = DynamicRollout(model, max_requests=slots, seed=spec["seed"])  # at most --slots requests in flight
+    lengths = {}
+
+    def run(name, fn):
+        def timed():
+            gen = fn()
+            lengths[name] = gen.response_lengths
+            return sum(gen.response_lengths)
+        return timed
+
+    out["eos"] = _best({
+        "builtin": run("builtin", lambda: rollout(model, prompts, new, slots=slots, eos_id=eos, temperature=1.0, seeds=list(range(count)))),
+        "dynamic": run("dynamic", lambda: sized(model, prompts, new, eos_id=eos, temperature=1.0, seeds=list(range(count)))),
+    }, spec["repeats"])
+    out["eos"]["mean_response_length"] = {k: sum(v) / len(v) for k, v in lengths.items()}
+    return out
+
+
+PARTS = {"pp1": child_pp1, "eos": child_eos, "pp2": child_pp2, "dynamic": child_dynamic}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -281,6 +330,16 @@ def rows(result: dict) -> list:
                    f"{eos['refill']['tokens_per_s']:.0f} tok/s, static {eos['static']['tokens_per_s']:.0f} tok/s "
                    f"| **{eos['refill']['tokens_per_s'] / eos['static']['tokens_per_s']:.2f}x** "
                    f"(paired median {paired(eos['static'], eos['refill']):.2f}x) |")
+    dyn = result.get("dynamic", {})
+    for name in ("equal", "varied", "eos"):
+        r = dyn.get(name)
+        if r and "dynamic" in r:
+            what = (f"{cfg['eos_prompts']} prompts, {cfg['slots']} in flight, eos-varied responses" if name == "eos"
+                    else f"{cfg['batch']} prompts {name} (mean {cfg['prompt_mean']}), {cfg['max_new_tokens']} new")
+            out.append(f"| rollout on {result['device']}, {dyn['precision']}, {what}, {label.split(', fp32')[0]} | builtin "
+                       f"{r['builtin']['tokens_per_s']:.0f} tok/s, dynamic {r['dynamic']['tokens_per_s']:.0f} tok/s "
+                       f"| dynamic / builtin **{r['dynamic']['tokens_per_s'] / r['builtin']['tokens_per_s']:.2f}x** "
+                       f"(paired median {paired(r['builtin'], r['dynamic']):.2f}x) |")
     for name, pp2 in result.get("pp2", {}).items():
         if not isinstance(pp2, dict) or "ours" not in pp2:
             continue
@@ -310,7 +369,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--before", default=BEFORE, help="git commit whose generation.py is the 'before' engine")
     p.add_argument("--skip-before", action="store_true")
-    p.add_argument("--parts", default="pp1,eos,pp2")
+    p.add_argument("--parts", default="pp1,eos,pp2", help="any of pp1,eos,pp2,dynamic (dynamic: GPU only)")
     p.add_argument("--rows", action="store_true", help="print the README rows of an existing result (--output)")
     p.add_argument("--output")
     args = p.parse_args(argv)
@@ -329,7 +388,7 @@ def main(argv=None) -> int:
     model = bc.dataclasses.replace(model, transformer_impl="local", precision="fp32")
     spec = dict(model=bc.asdict(model), batch=args.batch, prompt_mean=args.prompt_mean, max_new_tokens=args.max_new_tokens,
                 eos_prompts=args.eos_prompts, slots=args.slots, eos_mean=args.eos_mean, repeats=args.repeats, seed=args.seed,
-                before=args.before, skip_before=args.skip_before)
+                before=args.before, skip_before=args.skip_before, dynamic_precision="bf16")  # dynamic: flash attention has no fp32
     import torch
 
     torch.set_num_threads(1)
@@ -341,7 +400,8 @@ def main(argv=None) -> int:
     for part in args.parts.split(","):
         result[part] = bc.run_part(SCRIPT, part, spec)
     result["load_average_end"] = os.getloadavg()[0]
-    name = f"rollout_{model.num_layers}x{model.hidden_size}_{model.flavour}_v{model.vocab_size}_cpu.json"
+    device = "cpu" if result["device"] == "cpu" else result["device"].replace(" ", "_").lower()
+    name = f"rollout_{model.num_layers}x{model.hidden_size}_{model.flavour}_v{model.vocab_size}_{device}.json"
     path = bc.write_result(result, args.output, name)
     for row in rows(result):
         print(row)

@@ -127,7 +127,8 @@ for name in ("apex", "flash_attn"):
         importlib.import_module(name)
         print(f"{name}: installed")
     except Exception:
-        pass
+        if name == "flash_attn":
+            print("flash_attn: not installed: ppo.rollout_engine=dynamic needs flash-attn >= 2.7.3 (and einops); its GPU tests skip")
 import megatron_rlhf  # noqa: E402  (the checkout on PYTHONPATH)
 print(f"megatron_rlhf from {os.path.dirname(megatron_rlhf.__file__)}")
 for n in notes:

@@ -253,6 +253,9 @@ class PPOConfig:
     # continuous batching: rows generated at once; a finished response's slot takes the next
     # prompt (0: all of this rank's prompts at once)
     rollout_slots: int = 0
+    # builtin: our engine (rollout/engine.py; any device). dynamic: Megatron-Core's
+    # DynamicInferenceEngine (rollout/dynamic.py; CUDA, flash-attn and bf16 weights only)
+    rollout_engine: str = "builtin"  # builtin | dynamic
     # Critic-free RL. gae: PPO's critic (InstructGPT). grpo: group-normalised rewards of the
     # samples_per_prompt responses to a prompt (Shao et al. 2024); rloo: leave-one-out baseline
     # (Ahmadian et al. 2024). Neither builds, trains or saves a critic.
@@ -269,6 +272,7 @@ class PPOConfig:
     def validate(self) -> None:
         _one_of("ppo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _one_of("ppo.advantage_estimator", self.advantage_estimator, ("gae", "grpo", "rloo"))
+        _one_of("ppo.rollout_engine", self.rollout_engine, ("builtin", "dynamic"))
         _positive("ppo.samples_per_prompt", self.samples_per_prompt)
         if self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
             raise ConfigError(

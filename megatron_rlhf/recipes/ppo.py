@@ -5,7 +5,8 @@
 
 Each iteration (:meth:`PPORecipe.train_step`):
  1. sample a global batch of prompts; each data-parallel rank generates
-    ``ppo.samples_per_prompt`` responses per prompt of its share with the actor (KV cache);
+    ``ppo.samples_per_prompt`` responses per prompt of its share with the actor (KV cache;
+    ``ppo.rollout_engine``: ours, or Megatron-Core's dynamic engine on a GPU);
  2. score the episodes: actor log-probs (the "old" policy), frozen reference log-probs,
     critic values, and the reward: the frozen reward model's score at the last token and/or a
     rule-based ``ppo.reward_fn``; gather the whole batch on every rank;
@@ -26,7 +27,7 @@ the RM) train; the reference (SFT) and reward model are frozen (no grads, no opt
 state) and can live in CPU memory between scoring phases (``ppo.offload_frozen``). Any
 TP/PP layout: rollouts go through the pipeline stages (``rollout/engine.py``); scoring
 runs Megatron's forward-only schedule (``models/scoring.py``); the update its 1F1B schedule.
-Left out on purpose: a separate rollout engine (vLLM): rollouts use Megatron's own KV cache.
+Left out on purpose: a separate rollout engine (vLLM): rollouts run the actor's own module.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from megatron_rlhf.models.attention import packed_seq_params
 from megatron_rlhf.models.builder import build_model
 from megatron_rlhf.rollout import padded_batch
 from megatron_rlhf.rollout import rollout as generate_rollouts
+from megatron_rlhf.rollout.dynamic import DynamicRollout, check_dynamic_config
 from megatron_rlhf.models.logprobs import token_logprobs, vocab_parallel_entropy
 from megatron_rlhf.models.reward import score_sequences
 from megatron_rlhf.models.scoring import positions, sequence_logprobs, sequence_values
@@ -121,6 +123,8 @@ def check_ppo_config(cfg: Config) -> None:
         load_reward_fn(cfg.ppo.reward_fn)  # a missing file or function fails before anything is built
     if cfg.ppo.ptx_coef and not cfg.ppo.pretrain_path:
         raise ConfigError(f"ppo.ptx_coef={cfg.ppo.ptx_coef} needs pretraining text: set ppo.pretrain_path (JSONL of {{\"text\": ...}})")
+    if cfg.ppo.rollout_engine == "dynamic":
+        check_dynamic_config(cfg)  # CUDA, flash attention, bf16, and the sampling it can honour
     gbs, mini, n = cfg.train.global_batch_size, cfg.ppo.mini_batch_size, cfg.ppo.samples_per_prompt
     if gbs % mini:
         raise ConfigError(f"train.global_batch_size={gbs} (episodes per iteration) must be a multiple of ppo.mini_batch_size={mini}")
@@ -205,6 +209,13 @@ class PPORecipe:
         if self.critic is not None:
             self.critic, critic_opt, critic_sched = wrap_for_training(self.critic, cfg.parallel, cfg.train, lr=ppo.critic_lr, total_steps=total_updates)
             self.networks["critic"], self.optimizers["critic"], self.schedulers["critic"] = self.critic, critic_opt, critic_sched
+        # the rollout engine, built once: ours, or Megatron-Core's dynamic engine over the actor's
+        # own module (its KV buffer sized for this rank's episodes per iteration or ppo.rollout_slots)
+        if ppo.rollout_engine == "dynamic":
+            self.generate = DynamicRollout(self.actor, max_requests=ppo.rollout_slots or self.prompts_per_step // ctx.dp * ppo.samples_per_prompt,
+                                           seed=cfg.train.seed)
+        else:
+            self.generate = partial(generate_rollouts, slots=ppo.rollout_slots or None)
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
         self.prompt_position = DataPosition()
         self.ptx_position = DataPosition()
@@ -238,10 +249,11 @@ class PPORecipe:
         picked = [i for i in rank_slice(indices, ctx.dp, ctx.dp_rank) for _ in range(n)]
         mine = [self.prompts[i] for i in picked]
         # one sampling stream per (step, prompt, sample): the episodes do not depend on the DP size
+        # (the dynamic engine draws from one stream per rank, seeded from all of them)
         seeds = [_seed(cfg.train.seed, step, i, j % n) for j, i in enumerate(picked)]
         t0 = time.perf_counter()
-        gen = generate_rollouts(self.actor, [p.ids for p in mine], ppo.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=ppo.temperature,
-                       top_k=ppo.top_k, top_p=ppo.top_p, seeds=seeds, vocab_size=self.vocab, slots=ppo.rollout_slots or None)
+        gen = self.generate(self.actor, [p.ids for p in mine], ppo.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=ppo.temperature,
+                            top_k=ppo.top_k, top_p=ppo.top_p, seeds=seeds, vocab_size=self.vocab)
         t1 = time.perf_counter()
         # 2. score: old and reference log-probs, values, the reward
         batch = padded_batch(gen, pad_id=tok.pad_id)

@@ -2,7 +2,8 @@
 
 Markers (registered in pytest.ini): ``gpu`` (a CUDA device), ``needs_te`` (Transformer
 Engine's PyTorch extension), ``needs_fp8`` (FP8 tensor cores: compute capability 8.9+, and
-Transformer Engine), ``needs_gpus(n)`` (n devices). The first missing requirement is the
+Transformer Engine), ``needs_gpus(n)`` (n devices), ``needs_flash_attn`` (flash-attn >= 2.7.3 or
+FlashAttention-3: the dynamic inference engine's attention). The first missing requirement is the
 reason shown by ``pytest -ra`` / ``pytest -m gpu``; on a CPU machine every such test is
 skipped and the rest of the suite runs as usual.
 
@@ -48,6 +49,13 @@ def _fp8_reason():
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _flash_attn_reason():
+    from megatron_rlhf.rollout.dynamic import dynamic_engine_unavailable
+
+    return dynamic_engine_unavailable()
+
+
 def _gpus_reason(n: int):
     import torch
 
@@ -56,10 +64,10 @@ def _gpus_reason(n: int):
 
 
 def skip_reason(item) -> str | None:
-    """Why ``item`` cannot run here (None: it can). Checks in order: CUDA, GPU count, TE, FP8."""
+    """Why ``item`` cannot run here (None: it can). Checks in order: CUDA, GPU count, TE, FP8, flash-attn."""
     # markers, not item.keywords: keywords also hold the names of parent nodes (this folder is "gpu")
     marks = {m.name for m in item.iter_markers()}
-    if not marks & {"gpu", "needs_te", "needs_fp8", "needs_gpus"}:
+    if not marks & {"gpu", "needs_te", "needs_fp8", "needs_gpus", "needs_flash_attn"}:
         return None
     reason = _cuda_reason()
     if reason:
@@ -74,7 +82,11 @@ def skip_reason(item) -> str | None:
         if reason:
             return reason
     if "needs_fp8" in marks:
-        return _fp8_reason()
+        reason = _fp8_reason()
+        if reason:
+            return reason
+    if "needs_flash_attn" in marks:
+        return _flash_attn_reason()
     return None
 
 
