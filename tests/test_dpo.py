@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_utils import run_distributed
 from test_rm import _examples  # the RM tests' random comparisons
@@ -207,3 +208,87 @@ def test_tp2_and_pp2_give_the_steps_of_tp1(tmp_path):
                     assert abs(other_eval[key] - evaluated[key]) < 1e-5, (name, loss_type, key)
                     assert abs(other_trained[key] - trained[key]) < 1e-5, (name, loss_type, key)
                 assert abs(other_trained["grad_norm"] - trained["grad_norm"]) < 1e-4, (name, loss_type)
+
+
+# ------------------------------------------------------------------ the pretraining (ptx) mix
+
+
+def _ptx_step(table, ref_logps, gamma, ptx_splits):
+    """One DPO+ptx step through ``dpo_forward`` as the schedule runs it: every micro-batch's
+    (sum, count), the sums added, divided by the summed count. The "model" is a bigram table
+    (logits of the next token = ``table[token]``). ``token_logprobs`` works in fp32, hence the
+    1e-6 tolerances below (a wrong count is off by 10% or more)."""
+    from megatron_rlhf.data import ComparisonExample, SftExample, collate_comparisons, collate_sft
+    from megatron_rlhf.recipes.dpo import DpoBatch, dpo_forward, response_mask_of
+
+    prompts = [
+        ComparisonExample([1, 2], [[3, 4, 6], [5, 6]], [1, 2]),
+        ComparisonExample([1, 3, 2], [[4, 6], [3, 3, 6], [5, 6]], [2, 1, 3]),
+        ComparisonExample([1], [[2, 6], [4, 4, 6]], [1, 2]),
+    ]
+    pretrain = [SftExample([1], [2, 3, 4, 6]), SftExample([1], [5, 6]), SftExample([2], [2, 2, 3]), SftExample([4], [6])]
+    rows = 0
+    micro = []
+    for group in (prompts[:2], prompts[2:]):  # two DPO micro-batches, of 5 and 2 rows
+        batch = collate_comparisons(group, pad_id=0)
+        k = batch.tokens.shape[0]
+        micro.append(DpoBatch(*batch, response_mask_of(group, batch.tokens.shape[1]), ref_logps[rows : rows + k]))
+        rows += k
+    ptx = [collate_sft(part, pad_id=0) for part in ptx_splits(pretrain)]
+    ptx_tokens = float(sum(b.loss_mask.sum() for b in ptx))  # 10 counted tokens
+    reports = []
+    for batch in micro + ptx:
+        logits, loss_fn = dpo_forward(lambda tokens, positions, mask: table[tokens], batch, beta=0.5, loss_type="pairwise", vocab_size=7,
+                                      ptx_coef=gamma, global_prompts=3.0, ptx_tokens=ptx_tokens)
+        reports.append(loss_fn(logits))
+    loss = sum(r[0] for r in reports) / sum(float(r[1]) for r in reports)
+    metrics = {}
+    for _, _, m in reports:
+        for name, (s, c) in m.items():
+            metrics[name] = (metrics.get(name, (0.0, 0.0))[0] + float(s), metrics.get(name, (0.0, 0.0))[1] + float(c))
+    return loss, {name: s / c for name, (s, c) in metrics.items()}
+
+
+def test_dpo_ptx_step_is_dpo_mean_plus_gamma_ptx_mean_by_hand():
+    # a uniform policy over 7 tokens equal to its reference: every pair's term is ln 2, every
+    # pretraining token's NLL ln 7, so the step's loss is ln 2 + gamma ln 7 (3 prompts, 10 ptx tokens)
+    table = torch.zeros(7, 7, dtype=torch.float64, requires_grad=True)
+    ref_logps = torch.tensor([-3, -2, -2, -3, -2, -2, -3], dtype=torch.float64) * math.log(7)
+    for splits in (lambda p: [p], lambda p: [p[:1], p[1:]]):
+        loss, metrics = _ptx_step(table, ref_logps, 2.5, splits)
+        assert loss.item() == pytest.approx(math.log(2) + 2.5 * math.log(7), abs=1e-6)
+        assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert metrics["ptx_loss"] == pytest.approx(math.log(7), abs=1e-6)
+
+
+def test_dpo_ptx_step_loss_and_gradient_equal_the_two_means():
+    """A random bigram policy: the step is mean_prompts DPO + gamma x mean_tokens NLL, computed
+    here directly, however the pretraining sequences are cut into micro-batches (a data-parallel
+    rank's share is such a cut: the counts are global)."""
+    from megatron_rlhf.algorithms import build_ranking_pairs
+    from megatron_rlhf.algorithms.dpo import dpo_loss
+
+    torch.manual_seed(3)
+    table = torch.randn(7, 7, dtype=torch.float64, requires_grad=True)
+    ref_logps = -torch.rand(7, dtype=torch.float64) * 6
+    gamma = 0.7
+    logp = torch.log_softmax(table, dim=-1)  # logp[a, b] = log p(next = b | a)
+    # the 7 responses' log pi(y|x), token by token (previous token -> response token)
+    sequences = [([1, 2], [3, 4, 6]), ([1, 2], [5, 6]), ([1, 3, 2], [4, 6]), ([1, 3, 2], [3, 3, 6]), ([1, 3, 2], [5, 6]), ([1], [2, 6]), ([1], [4, 4, 6])]
+    policy_logps = torch.stack([sum(logp[a, b] for a, b in zip((p + r)[len(p) - 1 : -1], r)) for p, r in sequences])
+    pairs = build_ranking_pairs([[1, 2], [2, 1, 3], [1, 2]])
+    dpo_mean, _ = dpo_loss(policy_logps, ref_logps, torch.tensor([1, 2, 2, 1, 3, 1, 2]), pairs, 0.5, "pairwise")
+    chunks = [[1, 2, 3, 4, 6], [1, 5, 6], [2, 2, 2, 3], [4, 6]]
+    nll = [-logp[a, b] for c in chunks for a, b in zip(c[:-1], c[1:])]
+    expected = dpo_mean + gamma * torch.stack(nll).mean()
+    (expected_grad, dpo_grad) = (torch.autograd.grad(x, table, retain_graph=True)[0] for x in (expected, dpo_mean))
+    for splits in (lambda p: [p], lambda p: [p[:3], p[3:]], lambda p: [[e] for e in p]):
+        loss, metrics = _ptx_step(table, ref_logps, gamma, splits)
+        (grad,) = torch.autograd.grad(loss, table)
+        torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6)
+        assert metrics["loss"] == pytest.approx(dpo_mean.item(), abs=1e-6)
+        assert metrics["ptx_loss"] == pytest.approx(torch.stack(nll).mean().item(), abs=1e-6)
+    # gamma = 0: the ptx micro-batches add nothing to the loss or its gradient
+    loss, _ = _ptx_step(table, ref_logps, 0.0, lambda p: [p])
+    torch.testing.assert_close(torch.autograd.grad(loss, table)[0], dpo_grad, atol=1e-6, rtol=1e-6)
