@@ -150,19 +150,25 @@ def _phase(parallel, ckpt_dir, save):
     from megatron.core import parallel_state
 
     from megatron_rlhf.config import Config, DPOConfig, ModelConfig, TrainConfig
+    from megatron_rlhf.data import SftExample
     from megatron_rlhf.models.builder import build_model
     from megatron_rlhf.parallel import init_distributed
     from megatron_rlhf import checkpoint as ckpt_lib
     from megatron_rlhf.models.schedule import means, run_schedule
     from megatron_rlhf.recipes import dpo
     from megatron_rlhf.training.step import train_step, wrap_for_training
+    from megatron_rlhf.training.loop import RunContext
+    from megatron_rlhf.training.ptx import PretrainMix
     from megatron_rlhf.training.supervised import microbatches
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, tokenizer=str(TOKENIZER))
-    cfg = Config(stage="dpo", model=model_cfg, parallel=parallel, train=TrainConfig(lr=1e-3, global_batch_size=4, micro_batch_size=2))
-    init_distributed(parallel, model_cfg)
+    # DP=2 replicas are fed the same comparisons, so the global batch counts them twice; the
+    # pretraining sequences are split between the ranks as in a run: 4 a step at every layout
+    dp = 2 // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
+    cfg = Config(stage="dpo", model=model_cfg, parallel=parallel, train=TrainConfig(lr=1e-3, global_batch_size=4 * dp, micro_batch_size=2))
+    env = init_distributed(parallel, model_cfg)
     # a policy already away from its reference, so the loss is not just ln 2
     policy = build_model(model_cfg, parallel, 500, seed=5)
     reference = build_model(model_cfg, parallel, 500, seed=6)
@@ -178,11 +184,17 @@ def _phase(parallel, ckpt_dir, save):
     examples = _examples([2, 3, 4, 5], seed=9)
     results = {}
     # micro-batches of 5 and 9 rows (K = 2, 3 | 4, 5): a forward-only pass and one step per loss
+    # pretraining chunks of 33, 20, 12 and 7 tokens: ptx micro-batches of other widths in the same schedule
+    g = torch.Generator().manual_seed(4)
+    chunks = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (33, 20, 12, 7)]
+    pretrain = PretrainMix(RunContext(cfg, env, _Tokenizer(), Path(ckpt_dir)), [SftExample(c[:1], c[1:]) for c in chunks])
     for loss_type in ("plackett_luce", "pairwise"):
-        task = dpo.make_task(dataclasses.replace(cfg, dpo=DPOConfig(beta=0.5, loss=loss_type)), examples, examples, reference, _Tokenizer())
+        dpo_cfg = DPOConfig(beta=0.5, loss=loss_type, pretrain_path="(chunks)", ptx_coef=0.7, ptx_ratio=1.0 / dp)
+        task = dpo.make_task(dataclasses.replace(cfg, dpo=dpo_cfg), examples, examples, reference, _Tokenizer(), pretrain)
         micro = microbatches(task, examples, 2)
         evaluated = means(run_schedule(ddp, micro, task.forward_fn, forward_only=True))
-        trained = train_step(ddp, optimizer, scheduler, micro, task.forward_fn)
+        ptx, forward_fn = task.mix.step()
+        trained = train_step(ddp, optimizer, scheduler, micro + ptx, forward_fn)
         results[loss_type] = (micro[0].ref_logps, evaluated, trained)
     return results
 
@@ -207,6 +219,9 @@ def test_tp2_and_pp2_give_the_steps_of_tp1(tmp_path):
                 for key in ("loss", "accuracy", "margin", "chosen_reward"):
                     assert abs(other_eval[key] - evaluated[key]) < 1e-5, (name, loss_type, key)
                     assert abs(other_trained[key] - trained[key]) < 1e-5, (name, loss_type, key)
+                # the ptx micro-batches: the same pretraining NLL and (through grad_norm) the same step
+                assert abs(other_trained["ptx_loss"] - trained["ptx_loss"]) < 1e-5, (name, loss_type)
+                assert "ptx_loss" not in other_eval and "ptx_loss" not in evaluated
                 assert abs(other_trained["grad_norm"] - trained["grad_norm"]) < 1e-4, (name, loss_type)
 
 
