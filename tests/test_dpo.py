@@ -136,6 +136,9 @@ def test_bad_inputs_have_clear_errors(sft, tmp_path):
     bad.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, ranking=[1] * len(good["responses"]))) + "\n")
     r = dpo(f"output_dir={tmp_path / 'o3'}", f"model.init_from={sft / 'sft'}", f"data.train_path={bad}")
     assert r.returncode != 0 and f"{bad}:2" in r.stderr and "tied" in r.stderr
+    # the ptx mix without pretraining text: the error reaches the command line (the other checks below)
+    r = dpo(f"output_dir={tmp_path / 'o5'}", f"model.init_from={sft / 'sft'}", "dpo.ptx_coef=0.5")
+    assert r.returncode != 0 and "dpo.ptx_coef=0.5 needs pretraining text, but dpo.pretrain_path is empty" in r.stderr, r.stderr[-2000:]
     # a reward model is not a policy
     meta = json.loads((sft / "sft" / "checkpoints" / "latest").parent.joinpath((sft / "sft/checkpoints/latest").read_text().strip(), "meta.json").read_text())
     fake = tmp_path / "rm" / "checkpoints" / "iter_0000001"
@@ -314,3 +317,30 @@ def test_dpo_ptx_step_loss_and_gradient_equal_the_two_means():
     # gamma = 0: the ptx micro-batches add nothing to the loss or its gradient
     loss, _ = _ptx_step(table, ref_logps, 0.0, lambda p: [p])
     torch.testing.assert_close(torch.autograd.grad(loss, table)[0], dpo_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_ptx_config_errors():
+    from types import SimpleNamespace
+
+    from megatron_rlhf.config import ConfigError, load_config
+    from megatron_rlhf.recipes.dpo import PtxMix
+    from megatron_rlhf.training.ptx import PretrainMix
+
+    cfg = load_config("examples/tiny/dpo.yaml", [])
+    assert (cfg.dpo.pretrain_path, cfg.dpo.ptx_coef, cfg.dpo.ptx_ratio) == ("", 0.0, 1.0)  # off by default
+    pretrain = ["dpo.pretrain_path=examples/tiny/data/pretrain.jsonl"]
+    for overrides, message in (
+        (["dpo.ptx_coef=0.5"], "dpo.ptx_coef=0.5 needs pretraining text, but dpo.pretrain_path is empty: set dpo.pretrain_path="),
+        ([*pretrain, "dpo.ptx_coef=-0.1"], "dpo.ptx_coef=-0.1 must be >= 0"),
+        ([*pretrain, "dpo.ptx_ratio=-1"], "dpo.ptx_ratio=-1.0 must be >= 0"),
+        ([*pretrain, "dpo.ptx_coef=0.5", "dpo.ptx_ratio=0"], "dpo.ptx_ratio=0 mixes none of it into a step: set dpo.ptx_ratio > 0"),
+    ):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            load_config("examples/tiny/dpo.yaml", overrides)
+    # each data-parallel rank trains an equal share of the step's pretraining sequences
+    cfg = load_config("examples/tiny/dpo.yaml", [*pretrain, "dpo.ptx_ratio=0.75", "train.global_batch_size=6"])
+    mix = PretrainMix(SimpleNamespace(cfg=cfg, dp=2), [])
+    with pytest.raises(ConfigError, match=r"dpo\.ptx_ratio=0\.75 x train\.global_batch_size=6 gives 5 pretraining sequences a step, "
+                                          r"not a multiple of the data-parallel size 2; change dpo\.ptx_ratio"):
+        PtxMix(mix, 5, forward_fn=None)
+    PtxMix(mix, 4, forward_fn=None)
