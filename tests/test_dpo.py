@@ -1,6 +1,7 @@
 """DPO recipe (recipes/dpo.py): ln 2 at the start, held-out accuracy rising from a quick tiny SFT,
-TP/PP equivalence, bitwise resume after a preemption, and clear errors. The loss itself is tested
-against hand numbers in test_algorithms_dpo.py."""
+TP/PP equivalence, bitwise resume after a preemption, and clear errors; the optional pretraining
+(ptx) mix: the step's loss by hand, in the TP/PP and resume runs, its config errors. The loss itself
+is tested against hand numbers in test_algorithms_dpo.py."""
 
 from __future__ import annotations
 
