@@ -84,6 +84,7 @@ def child_ours(spec):
     from megatron_rlhf.parallel import init_distributed, seed_everything
     from megatron_rlhf.recipes.ppo import PPORecipe
     from megatron_rlhf.training.loop import DataPosition, RunContext
+    from megatron_rlhf.training.ptx import PretrainMix
     from megatron_rlhf.training.step import wrap_for_training
 
     model_cfg = ModelConfig(**spec["model"])
@@ -120,7 +121,7 @@ def child_ours(spec):
                 frozen.requires_grad_(False)
                 frozen.eval()
             self.prompts = [PromptRecord(ids, "", {}, "bench", i + 1) for i, ids in enumerate(prompts.tolist())]
-            self.pretrain = [SftExample(row[:1], row[1:]) for row in pretrain.tolist()]
+            self.ptx = PretrainMix(ctx, [SftExample(row[:1], row[1:]) for row in pretrain.tolist()]) if len(pretrain) else None
             self.frozen, self.reward_fn, self.critic_model = [self.reference, self.reward_model], None, model_cfg
             self.prompts_per_step, self.temperature = b, cfg.ppo.temperature or 1.0
             self.total_steps = spec["warmup"] + 1
@@ -129,7 +130,7 @@ def child_ours(spec):
             self.networks = {"actor": self.actor, "critic": self.critic}
             self.optimizers, self.schedulers = {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}
             self.kl_ctl = FixedKLController(cfg.ppo.kl_coef)
-            self.prompt_position, self.ptx_position = DataPosition(), DataPosition()
+            self.prompt_position = DataPosition()
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         trainer = BenchPPORecipe(RunContext(cfg, env, BenchTokenizer(), Path(tmp)))

@@ -147,7 +147,7 @@ def test_actor_and_ptx_reports_give_eq2_in_the_schedule():
     reports = [
         actor_report(logprobs[:2], entropy[:2], old[:2], adv[:2], mask[:2], eps, c),
         actor_report(logprobs[2:], entropy[2:], old[2:], adv[2:], mask[2:], eps, c),
-        ptx_report(ptx_lp, ptx_mask, gamma, episode_tokens=n_e, ptx_tokens=n_d),
+        ptx_report(ptx_lp, ptx_mask, gamma, main_count=n_e, ptx_tokens=n_d),
     ]
     assert reports[2][1] == 0  # pretraining tokens are not in the schedule's count
     step_loss = _schedule_step(reports)

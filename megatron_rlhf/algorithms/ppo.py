@@ -213,12 +213,15 @@ def actor_report(
     return loss_sum, n, metrics
 
 
-def ptx_report(token_logprobs: torch.Tensor, loss_mask: torch.Tensor, ptx_coef: float, episode_tokens: float, ptx_tokens: float) -> LossReport:
+def ptx_report(token_logprobs: torch.Tensor, loss_mask: torch.Tensor, ptx_coef: float, main_count: float, ptx_tokens: float) -> LossReport:
     """A pretraining micro-batch of the actor step: ``gamma * (N_E / N_D) * sum nll`` with count
     0 (see above), so the step adds ``ptx_loss(mean_D nll, gamma)``. The metric ``ptx_loss`` is
-    the pretraining NLL itself (sum, tokens), logged even when gamma is 0."""
+    the pretraining NLL itself (sum, tokens), logged even when gamma is 0.
+
+    ``main_count`` is the global count the schedule divides by: PPO's episode tokens N_E, or
+    for any other loss mixed with pretraining text its own global count (DPO: the prompts)."""
     nll_sum, _ = sft_loss(-token_logprobs, loss_mask, num_tokens=AS_SUM)
-    loss_sum = ptx_loss(nll_sum, ptx_coef * (episode_tokens / max(ptx_tokens, 1.0)))
+    loss_sum = ptx_loss(nll_sum, ptx_coef * (main_count / max(ptx_tokens, 1.0)))
     return loss_sum, 0, {"ptx_loss": (nll_sum.detach(), loss_mask.sum())}
 
 

@@ -318,11 +318,35 @@ class DPOConfig:
     # pairwise: every untied pair of a K-way ranking, each prompt's pairs averaged (InstructGPT's
     # weighting); plackett_luce: the likelihood of the whole ranking (DPO appendix A.3)
     loss: str = "pairwise"
+    # The pretraining mix (InstructGPT's ptx term, as in PPO): the step adds ptx_coef x the mean
+    # next-token NLL of pretraining sequences, so the policy keeps its language modelling while
+    # it learns the rankings.
+    pretrain_path: str = ""  # pretraining text (JSONL {"text": ...}); empty: no mix
+    ptx_coef: float = 0.0  # gamma; 0 = off (with a pretrain_path the NLL is still measured and logged)
+    # Pretraining sequences per PROMPT of the global batch. 1.0: a DPO prompt already costs K
+    # forwards of the policy (K >= 2 responses) plus the reference's, so one pretraining sequence
+    # per prompt adds at most about half of the step's compute; ptx_coef sets the weight. PPO's 8
+    # per episode (ppo.ptx_ratio, InstructGPT) is cheap beside PPO's rollouts, not beside DPO's step.
+    ptx_ratio: float = 1.0
 
     def validate(self) -> None:
         _one_of("dpo.loss", self.loss, ("pairwise", "plackett_luce"))
         if not self.beta > 0:
             raise ConfigError(f"dpo.beta={self.beta} must be > 0 (the DPO paper uses 0.1; a larger beta keeps the policy closer to the reference)")
+        if not self.ptx_coef >= 0:
+            raise ConfigError(f"dpo.ptx_coef={self.ptx_coef} must be >= 0 (0 = no pretraining term)")
+        if not self.ptx_ratio >= 0:
+            raise ConfigError(f"dpo.ptx_ratio={self.ptx_ratio} must be >= 0 (pretraining sequences per prompt of the global batch)")
+        if self.ptx_coef > 0 and not self.pretrain_path:
+            raise ConfigError(
+                f"dpo.ptx_coef={self.ptx_coef} needs pretraining text, but dpo.pretrain_path is empty: set "
+                "dpo.pretrain_path=<JSONL of {\"text\": ...}> (e.g. examples/tiny/data/pretrain.jsonl), or dpo.ptx_coef=0"
+            )
+        if self.pretrain_path and self.ptx_ratio == 0:
+            raise ConfigError(
+                f"dpo.pretrain_path={self.pretrain_path} is set but dpo.ptx_ratio=0 mixes none of it into a step: set "
+                "dpo.ptx_ratio > 0 (e.g. 1.0, one pretraining sequence per prompt), or dpo.pretrain_path= to train without it"
+            )
 
 
 @dataclass(frozen=True)

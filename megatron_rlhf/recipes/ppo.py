@@ -44,8 +44,7 @@ from megatron_rlhf.algorithms.kl import AdaptiveKLController, FixedKLController
 from megatron_rlhf.algorithms.ppo import actor_report, critic_report, ptx_batch_size, ptx_report
 from megatron_rlhf.checkpoint import check_compatible, check_kind, load_weights, policy_network, read_meta, resolve_checkpoint, with_architecture
 from megatron_rlhf.config import Config, ConfigError
-from megatron_rlhf.data import collate_sft, load_pretrain, prompt_budget
-from megatron_rlhf.data.packing import pack_microbatches, pack_sft, sft_unit_length
+from megatron_rlhf.data import prompt_budget
 from megatron_rlhf.data.prompts import load_prompt_records
 from megatron_rlhf.data.reward_fn import load_reward_fn
 from megatron_rlhf.models.attention import packed_seq_params
@@ -56,10 +55,11 @@ from megatron_rlhf.rollout.dynamic import DynamicRollout, check_dynamic_config
 from megatron_rlhf.models.logprobs import token_logprobs, vocab_parallel_entropy
 from megatron_rlhf.models.reward import score_sequences
 from megatron_rlhf.models.scoring import positions, sequence_logprobs, sequence_values
-from megatron_rlhf.parallel import data_parallel_sum, device, to_device
+from megatron_rlhf.parallel import device, to_device
 from megatron_rlhf.rollout.episodes import Episodes, gather_episodes, minibatch_rows
 from megatron_rlhf.training import loop
 from megatron_rlhf.training.loop import DataPosition, rank_slice
+from megatron_rlhf.training.ptx import PretrainMix, global_tokens
 from megatron_rlhf.training.step import lr_now, train_step, wrap_for_training
 
 
@@ -199,7 +199,7 @@ class PPORecipe:
         self.prompts = load_prompt_records(ppo.prompts_path, tok, prompt_budget(cfg.model.seq_length, ppo.max_new_tokens))
         # With ptx_coef=0 and a pretrain_path the ptx batches still run (coefficient 0, no
         # gradient) so that ptx/loss is logged and comparable; leave pretrain_path empty to skip them.
-        self.pretrain = load_pretrain(ppo.pretrain_path, tok, cfg.model.seq_length) if ppo.pretrain_path else []
+        self.ptx = PretrainMix.from_file(ctx, ppo.pretrain_path) if ppo.pretrain_path else None
         if len(self.prompts) < self.prompts_per_step:
             raise ConfigError(f"{ppo.prompts_path}: {len(self.prompts)} prompts, fewer than one iteration's {self.prompts_per_step}")
         self.total_steps = loop.total_steps(cfg, len(self.prompts) // self.prompts_per_step)
@@ -218,7 +218,6 @@ class PPORecipe:
             self.generate = partial(generate_rollouts, slots=ppo.rollout_slots or None)
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
         self.prompt_position = DataPosition()
-        self.ptx_position = DataPosition()
         # greedy rollouts (temperature 0) are scored under the model's own distribution
         self.temperature = ppo.temperature or 1.0
 
@@ -307,18 +306,6 @@ class PPORecipe:
             metrics.update({"rollout/rm_score": float(rm_scores.sum()) / n, "rollout/rule_reward": float(rule_scores.sum()) / n})
         return episodes, metrics
 
-    def _ptx_batches(self, count: int) -> list:
-        cfg = self.cfg
-        indices = self.ptx_position.next_batch(len(self.pretrain), count, cfg.train.seed + 1, cfg.data.shuffle)
-        mine = [self.pretrain[i] for i in rank_slice(indices, self.ctx.dp, self.ctx.dp_rank)]
-        if not mine:
-            return []
-        mbs = cfg.train.micro_batch_size
-        if cfg.data.packing:  # bins of an unpacked micro-batch's tokens, no padding between the chunks
-            return [to_device(b) for b in pack_microbatches(mine, sft_unit_length, partial(pack_sft, pad_id=self.ctx.tokenizer.pad_id), mbs * cfg.model.seq_length)]
-        batch = collate_sft(mine, pad_id=self.ctx.tokenizer.pad_id, max_len=cfg.model.seq_length)
-        return [to_device(type(batch)(*(t[i : i + mbs] for t in batch))) for i in range(0, len(mine), mbs)]
-
     # 4: the update
     def update(self, episodes: Episodes, step: int) -> dict:
         cfg, ppo, ctx = self.cfg, self.cfg.ppo, self.ctx
@@ -333,8 +320,8 @@ class PPORecipe:
                 micro = [part.rows(slice(i, i + mbs)) for i in range(0, part.tokens.shape[0], mbs)]
                 metrics = {}
                 if step >= ppo.critic_warmup_steps:  # during critic warm-up only the critic learns
-                    ptx = self._ptx_batches(ptx_batch_size(ppo.mini_batch_size, ppo.ptx_ratio)) if self.pretrain else []
-                    (ptx_tokens,) = data_parallel_sum([sum(float(b.loss_mask.sum()) for b in ptx)]) if self.pretrain else (1.0,)
+                    ptx = self.ptx.microbatches(ptx_batch_size(ppo.mini_batch_size, ppo.ptx_ratio)) if self.ptx is not None else []
+                    ptx_tokens = global_tokens(ptx) if self.ptx is not None else 1.0
                     forward = partial(actor_forward, vocab_size=self.vocab, clip_eps=ppo.clip_eps, entropy_coef=ppo.entropy_coef, ptx_coef=ppo.ptx_coef,
                                       episode_tokens=float(episodes.action_mask[global_rows].sum()), ptx_tokens=ptx_tokens,
                                       kl_loss_coef=None if ppo.kl_in_reward else self.kl_ctl.value, kl_estimator=ppo.kl_estimator,
@@ -356,11 +343,14 @@ class PPORecipe:
         return {}
 
     def state_dict(self) -> dict:
-        return {"prompts": vars(self.prompt_position).copy(), "pretrain": vars(self.ptx_position).copy(), "kl_controller": self.kl_ctl.state_dict()}
+        # "pretrain" is saved without pretraining text too (the position it never moved from)
+        pretrain = self.ptx.state_dict() if self.ptx is not None else vars(DataPosition()).copy()
+        return {"prompts": vars(self.prompt_position).copy(), "pretrain": pretrain, "kl_controller": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.prompt_position = DataPosition(**state["prompts"])
-        self.ptx_position = DataPosition(**state["pretrain"])
+        if self.ptx is not None:
+            self.ptx.load_state_dict(state["pretrain"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
 
     def extra_meta(self) -> dict:

@@ -5,8 +5,10 @@ turns it into the loop's step. Each step takes the next ``train.global_batch_siz
 examples of a layout-independent order, gives each data-parallel rank its contiguous share,
 cuts that into micro-batches at example boundaries (an RM prompt's K responses stay in one
 forward), or with ``data.packing`` bin-packs those examples into as many packed
-micro-batches as they need (``data/packing.py``), and runs one optimizer step. Evaluation adds the metrics' sums and counts over the
-whole held-out set, so it is the same at any data-parallel size.
+micro-batches as they need (``data/packing.py``), and runs one optimizer step. A task may mix
+extra micro-batches of another source into every training step (:class:`StepMix`: DPO's
+pretraining term). Evaluation adds the metrics' sums and counts over the whole held-out set,
+so it is the same at any data-parallel size.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from megatron_rlhf.config import Config, ConfigError
 from megatron_rlhf.data import split_holdout
@@ -23,6 +25,20 @@ from megatron_rlhf.models.schedule import means
 from megatron_rlhf.parallel import data_parallel_sum, to_device
 from megatron_rlhf.training.loop import DataPosition, RunContext, rank_slice, total_steps
 from megatron_rlhf.training.step import eval_step, lr_now, microbatch_count, train_step, wrap_for_training
+
+
+class StepMix(Protocol):
+    """Extra micro-batches a task mixes into every training step (DPO's ptx term), with their
+    stream's position for the checkpoint."""
+
+    def step(self) -> tuple[list, Callable]:
+        """This rank's extra micro-batches of the next step, and the step's forward_fn: it runs
+        the task's micro-batches as ``task.forward_fn`` does, and these."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -43,6 +59,7 @@ class SupervisedTask:
     # data.packing: (examples, width=) -> one packed micro-batch, and the tokens one example takes in it
     pack: Optional[Callable] = None
     unit_length: Optional[Callable] = None
+    mix: Optional[StepMix] = None  # extra training micro-batches of every step (not evaluated)
 
 
 def load_train_valid(cfg: Config, tokenizer, load: Callable) -> tuple[list, list, object]:
@@ -119,7 +136,11 @@ class SupervisedRecipe:
         indices = self.position.next_batch(len(task.train_examples), cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
         mine = rank_slice([task.train_examples[i] for i in indices], ctx.dp, ctx.dp_rank)
         micro = microbatches(task, mine, cfg.train.micro_batch_size, self.pack_capacity)
-        metrics = train_step(self.model, self.optimizers["model"], self.schedulers["model"], micro, task.forward_fn)
+        forward_fn = task.forward_fn
+        if task.mix is not None:
+            extra, forward_fn = task.mix.step()
+            micro = micro + extra
+        metrics = train_step(self.model, self.optimizers["model"], self.schedulers["model"], micro, forward_fn)
         (tokens,) = data_parallel_sum([sum(task.count_tokens(b) for b in micro)])
         record = {f"train/{k}": v for k, v in metrics.items() if k not in ("grad_norm", "skipped")}
         elapsed = time.perf_counter() - t0
@@ -148,10 +169,15 @@ class SupervisedRecipe:
         return {f"eval/{k}": v for k, v in means({k: tuple(v) for k, v in totals.items()}).items()}
 
     def state_dict(self) -> dict:
-        return {"data": vars(self.position).copy()}
+        state = {"data": vars(self.position).copy()}
+        if self.task.mix is not None:
+            state["mix"] = self.task.mix.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.position = DataPosition(**state["data"])
+        if self.task.mix is not None and "mix" in state:  # a mix added on resume starts at its beginning
+            self.task.mix.load_state_dict(state["mix"])
 
     def extra_meta(self) -> dict:
         return self.task.extra_meta() if self.task.extra_meta else {}
