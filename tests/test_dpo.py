@@ -1,4 +1,4 @@
-"""DPO recipe (recipes/dpo.py): ln 2 at the start, held-out accuracy rising from a quick tiny SFT,
+"""DPO recipe (recipes/dpo.py): ln 2 at the start, held-out accuracy rising from the shipped tiny SFT,
 TP/PP equivalence, bitwise resume after a preemption, and clear errors; the optional pretraining
 (ptx) mix: the step's loss by hand, in the TP/PP and resume runs, its config errors. The loss itself
 is tested against hand numbers in test_algorithms_dpo.py."""
@@ -69,12 +69,12 @@ def sft(tmp_path_factory):
 # ------------------------------------------------------------------ from SFT: ln 2, then learning
 
 
-def test_starts_at_ln2_and_heldout_accuracy_rises(sft, tmp_path):
+def test_starts_at_ln2_and_heldout_accuracy_rises(tiny_sft_policy, tmp_path):
+    """examples/tiny/dpo.yaml from the shipped tiny SFT (128 wide, context 64), 30 steps."""
     out = tmp_path / "run"
-    valid = _head(DATA / "rm_valid.jsonl", 48, tmp_path / "valid.jsonl")
-    r = dpo(f"output_dir={out}", f"model.init_from={sft / 'sft'}", f"data.valid_path={valid}", "train.max_steps=60",
-            "train.eval_interval=30", "train.global_batch_size=16", "train.micro_batch_size=8", "train.lr=5e-4",
-            "train.lr_warmup_steps=2", "dpo.beta=0.5")
+    valid = _head(DATA / "rm_valid.jsonl", 64, tmp_path / "valid.jsonl")
+    r = dpo(f"output_dir={out}", f"model.init_from={tiny_sft_policy}", "model.hidden_size=128", "model.seq_length=64",
+            f"data.valid_path={valid}", "train.max_steps=30", "train.eval_interval=15")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)
     train = {row["step"]: row for row in rows if "train/loss" in row}
@@ -84,15 +84,14 @@ def test_starts_at_ln2_and_heldout_accuracy_rises(sft, tmp_path):
     assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(evals[0]["eval/margin"]) < 1e-6
     for key in ("eval/loss", "eval/margin", "eval/chosen_reward", "eval/rejected_reward"):
-        assert key in evals[60]
-    assert {"train/accuracy", "train/margin", "train/chosen_reward", "train/rejected_reward", "grad_norm"} <= train[60].keys()
-    # the held-out rankings are learnt, in part (measured: accuracy 0.59 at step 30, 0.61 at step 60; loss
-    # 0.611). At this size DPO learns the pairs whose responses differ in length (0.69-0.78: too few or too
-    # many items) but not yet same-length pairs that differ in an item's category (0.46, also from a
-    # 200-step SFT): that needs the (category, item) interactions that this 64-wide policy barely has.
-    assert evals[60]["eval/accuracy"] > 0.57, evals
-    assert evals[60]["eval/loss"] < math.log(2) - 0.05, evals
-    assert evals[60]["eval/chosen_reward"] > evals[60]["eval/rejected_reward"]
+        assert key in evals[30]
+    assert {"train/accuracy", "train/margin", "train/chosen_reward", "train/rejected_reward", "grad_norm"} <= train[30].keys()
+    # the held-out rankings are learnt (the whole example, 125 steps on all 200 held-out prompts:
+    # accuracy 0.846 at step 25, 0.955 at step 125; a 64-wide policy from an 80-step SFT reached only
+    # 0.61 in 60 steps: it knows too little of which item belongs to which category)
+    assert evals[30]["eval/accuracy"] > 0.75, evals
+    assert evals[30]["eval/loss"] < math.log(2) - 0.15, evals
+    assert evals[30]["eval/chosen_reward"] > evals[30]["eval/rejected_reward"]
     # a policy checkpoint, selected by held-out accuracy
     from megatron_rlhf import checkpoint as ckpt_lib
 
