@@ -210,23 +210,29 @@ class _Scheduler:
 class _Sampler:
     """Draws for the last stage: one generator per prompt, created on first use."""
 
-    def __init__(self, seeds, temperature, top_k, top_p, vocab_size):
+    def __init__(self, seeds, temperature, top_k, top_p, vocab_size, padded_vocab_size):
         self.seeds, self.generators = seeds, {}
         self.temperature, self.top_k, self.top_p, self.vocab_size = temperature, top_k, top_p, vocab_size
+        # the columns a draw needs noise for: the real vocabulary (the logits are cut to it)
+        self.width = padded_vocab_size if vocab_size is None else min(vocab_size, padded_vocab_size)
 
-    def __call__(self, logits: torch.Tensor, prompt_ids: List[int]):
-        noise = None
-        if self.temperature > 0:
-            vocab = logits.shape[-1] if self.vocab_size is None else min(self.vocab_size, logits.shape[-1])
-            noise = torch.empty((len(prompt_ids), vocab))
-            for row, i in enumerate(prompt_ids):
-                gen = self.generators.get(i)
-                if gen is None:
-                    gen = self.generators[i] = torch.Generator().manual_seed(self.seeds[i])
-                torch.rand(vocab, generator=gen, out=noise[row])
-            # -log(u), u uniform: Exponential(1), three times faster than exponential_ on CPU
-            # (u = 0 gives q = inf: that token sits out one draw, with probability 2^-24)
-            noise.log_().neg_()
+    def noise(self, prompt_ids: List[int]) -> Optional[torch.Tensor]:
+        """``[len(prompt_ids), width]`` Exponential(1) draws, the next of each prompt's stream
+        (None when greedy). It needs no logits, so a later pipeline stage draws it while it
+        waits for the previous stage's hidden states."""
+        if self.temperature == 0:
+            return None
+        noise = torch.empty((len(prompt_ids), self.width))
+        for row, i in enumerate(prompt_ids):
+            gen = self.generators.get(i)
+            if gen is None:
+                gen = self.generators[i] = torch.Generator().manual_seed(self.seeds[i])
+            torch.rand(self.width, generator=gen, out=noise[row])
+        # -log(u), u uniform: Exponential(1), three times faster than exponential_ on CPU
+        # (u = 0 gives q = inf: that token sits out one draw, with probability 2^-24)
+        return noise.log_().neg_()
+
+    def __call__(self, logits: torch.Tensor, noise: Optional[torch.Tensor]):
         return sample_rows(logits, noise, self.temperature, self.top_k, self.top_p, self.vocab_size)
 
 
@@ -235,13 +241,17 @@ def _run_forward(stage: _Stage, fwd: _Forward, caches, sends: list, sampler: _Sa
     import torch.distributed as dist
 
     n, s = fwd.tokens.shape
+    noise = None
     if stage.first:
         x = stage.embed(fwd.tokens, fwd.positions)
     else:
         from megatron.core import parallel_state
 
         x = torch.empty((s, n, stage.config.hidden_size), dtype=stage.config.pipeline_dtype or stage.dtype, device=stage.device)
-        dist.recv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        receiving = dist.irecv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        if stage.last:  # the draws' noise while the hidden states are on their way
+            noise = sampler.noise(fwd.prompt_ids)
+        receiving.wait()
     cache = caches[fwd.group] if fwd.kind != "full" else None
     x = stage.layers_forward(x, fwd.positions, cache, rows=fwd.rows, write=fwd.write, key_mask=fwd.key_mask)
     if not stage.last:
@@ -254,7 +264,9 @@ def _run_forward(stage: _Stage, fwd: _Forward, caches, sends: list, sampler: _Sa
         hidden = x[0, fwd.sampled]
     else:
         hidden = x[fwd.last, torch.arange(n, device=x.device)]
-    return sampler(stage.logits(hidden), fwd.prompt_ids)
+    if stage.first:
+        noise = sampler.noise(fwd.prompt_ids)
+    return sampler(stage.logits(hidden), noise)
 
 
 def _share(payload: torch.Tensor) -> torch.Tensor:
@@ -362,7 +374,7 @@ def rollout(
 
     stage = _Stage(model, length)
     sched = _Scheduler(prompts, budgets, group_sizes, refill, eos_id, pad_id, use_kv_cache, length, stage.device)
-    sampler = _Sampler(prompt_seeds(b, seeds, generator), temperature, top_k, top_p, vocab_size)
+    sampler = _Sampler(prompt_seeds(b, seeds, generator), temperature, top_k, top_p, vocab_size, inner.vocab_size)
     caches = [stage.new_cache(size) for size in group_sizes] if use_kv_cache else None
     rank = _pipeline_rank()
     history: dict = {}
