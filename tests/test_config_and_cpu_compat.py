@@ -76,3 +76,13 @@ def test_cpu_layer_is_off_with_a_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cpu_compat.enable() is False
+
+
+def test_rollout_micro_batches_is_validated():
+    from megatron_rlhf.recipes.ppo import check_ppo_config
+
+    with pytest.raises(ConfigError, match=r"ppo.rollout_micro_batches=-1 must be >= 0"):
+        load_config(None, ["ppo.rollout_micro_batches=-1"])
+    cfg = load_config("examples/tiny/ppo.yaml", ["ppo.rollout_engine=dynamic", "ppo.rollout_micro_batches=2"])
+    with pytest.raises(ConfigError, match=r"ppo.rollout_micro_batches=2 sets our engine's slot groups"):
+        check_ppo_config(cfg)

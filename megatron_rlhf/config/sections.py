@@ -253,6 +253,11 @@ class PPOConfig:
     # continuous batching: rows generated at once; a finished response's slot takes the next
     # prompt (0: all of this rank's prompts at once)
     rollout_slots: int = 0
+    # slot groups in flight through the pipeline stages during a rollout (0: the pipeline size,
+    # every stage busy with its own group; 1: the whole batch walks through the stages in turn,
+    # faster where a decode step is bound by reading the weights rather than by compute, as
+    # with small batches: measured on CPU at PP=2, 1 group 1.78x the old engine, 2 groups 1.33x)
+    rollout_micro_batches: int = 0
     # builtin: our engine (rollout/engine.py; any device). dynamic: Megatron-Core's
     # DynamicInferenceEngine (rollout/dynamic.py; CUDA, flash-attn and bf16 weights only)
     rollout_engine: str = "builtin"  # builtin | dynamic
@@ -298,6 +303,8 @@ class PPOConfig:
                     "e.g. examples/tiny/reward_fn.py:reward"
                 )
         _positive("ppo.mini_batch_size", self.mini_batch_size)
+        if self.rollout_micro_batches < 0:
+            raise ConfigError(f"ppo.rollout_micro_batches={self.rollout_micro_batches} must be >= 0 (0: the pipeline size)")
         if self.rollout_slots < 0:
             raise ConfigError(f"ppo.rollout_slots={self.rollout_slots} must be >= 0 (0: every prompt of the rank at once)")
         _positive("ppo.ppo_epochs", self.ppo_epochs)

@@ -124,6 +124,11 @@ def check_ppo_config(cfg: Config) -> None:
     if cfg.ppo.ptx_coef and not cfg.ppo.pretrain_path:
         raise ConfigError(f"ppo.ptx_coef={cfg.ppo.ptx_coef} needs pretraining text: set ppo.pretrain_path (JSONL of {{\"text\": ...}})")
     if cfg.ppo.rollout_engine == "dynamic":
+        if cfg.ppo.rollout_micro_batches:
+            raise ConfigError(
+                f"ppo.rollout_micro_batches={cfg.ppo.rollout_micro_batches} sets our engine's slot groups; the dynamic engine "
+                "schedules its own: unset it (0) or set ppo.rollout_engine=builtin"
+            )
         check_dynamic_config(cfg)  # CUDA, flash attention, bf16, and the sampling it can honour
     gbs, mini, n = cfg.train.global_batch_size, cfg.ppo.mini_batch_size, cfg.ppo.samples_per_prompt
     if gbs % mini:
@@ -215,7 +220,7 @@ class PPORecipe:
             self.generate = DynamicRollout(self.actor, max_requests=ppo.rollout_slots or self.prompts_per_step // ctx.dp * ppo.samples_per_prompt,
                                            seed=cfg.train.seed)
         else:
-            self.generate = partial(generate_rollouts, slots=ppo.rollout_slots or None)
+            self.generate = partial(generate_rollouts, slots=ppo.rollout_slots or None, micro_batches=ppo.rollout_micro_batches or None)
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
         self.prompt_position = DataPosition()
         # greedy rollouts (temperature 0) are scored under the model's own distribution
