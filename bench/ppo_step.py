@@ -82,7 +82,7 @@ def child_ours(spec):
     from megatron_rlhf.data.sft import SftExample
     from megatron_rlhf.models.builder import build_model, use_transformer_engine
     from megatron_rlhf.parallel import init_distributed, seed_everything
-    from megatron_rlhf.recipes.ppo import PPORecipe
+    from megatron_rlhf.recipes.ppo import PPORecipe, rollout_engine
     from megatron_rlhf.training.loop import DataPosition, RunContext
     from megatron_rlhf.training.ptx import PretrainMix
     from megatron_rlhf.training.step import wrap_for_training
@@ -124,6 +124,7 @@ def child_ours(spec):
             self.ptx = PretrainMix(ctx, [SftExample(row[:1], row[1:]) for row in pretrain.tolist()]) if len(pretrain) else None
             self.frozen, self.reward_fn, self.critic_model = [self.reference, self.reward_model], None, model_cfg
             self.prompts_per_step, self.temperature = b, cfg.ppo.temperature or 1.0
+            self.generate = rollout_engine(cfg, self.actor, episodes_per_rank=b)
             self.total_steps = spec["warmup"] + 1
             self.actor, actor_opt, actor_sched = wrap_for_training(self.actor, parallel, cfg.train, total_steps=self.total_steps)
             self.critic, critic_opt, critic_sched = wrap_for_training(self.critic, parallel, cfg.train, lr=cfg.ppo.critic_lr, total_steps=self.total_steps)

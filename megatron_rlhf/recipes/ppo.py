@@ -137,6 +137,16 @@ def check_ppo_config(cfg: Config) -> None:
         raise ConfigError(f"train.global_batch_size={gbs} (episodes per iteration) must be a multiple of ppo.samples_per_prompt={n}")
 
 
+def rollout_engine(cfg: Config, actor, episodes_per_rank: int):
+    """Step 1's generator, called as :func:`megatron_rlhf.rollout.rollout`: ours, or Megatron-Core's
+    dynamic engine over the actor's own module (its KV buffer sized for ``ppo.rollout_slots``
+    requests, else this rank's episodes per iteration)."""
+    ppo = cfg.ppo
+    if ppo.rollout_engine == "dynamic":
+        return DynamicRollout(actor, max_requests=ppo.rollout_slots or episodes_per_rank, seed=cfg.train.seed)
+    return partial(generate_rollouts, slots=ppo.rollout_slots or None, micro_batches=ppo.rollout_micro_batches or None)
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -214,13 +224,8 @@ class PPORecipe:
         if self.critic is not None:
             self.critic, critic_opt, critic_sched = wrap_for_training(self.critic, cfg.parallel, cfg.train, lr=ppo.critic_lr, total_steps=total_updates)
             self.networks["critic"], self.optimizers["critic"], self.schedulers["critic"] = self.critic, critic_opt, critic_sched
-        # the rollout engine, built once: ours, or Megatron-Core's dynamic engine over the actor's
-        # own module (its KV buffer sized for this rank's episodes per iteration or ppo.rollout_slots)
-        if ppo.rollout_engine == "dynamic":
-            self.generate = DynamicRollout(self.actor, max_requests=ppo.rollout_slots or self.prompts_per_step // ctx.dp * ppo.samples_per_prompt,
-                                           seed=cfg.train.seed)
-        else:
-            self.generate = partial(generate_rollouts, slots=ppo.rollout_slots or None, micro_batches=ppo.rollout_micro_batches or None)
+        # the rollout engine, built once
+        self.generate = rollout_engine(cfg, self.actor, episodes_per_rank=self.prompts_per_step // ctx.dp * ppo.samples_per_prompt)
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
         self.prompt_position = DataPosition()
         # greedy rollouts (temperature 0) are scored under the model's own distribution
