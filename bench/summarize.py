@@ -86,6 +86,9 @@ def _precision(config: dict) -> str:
     return "FP8 (TE hybrid)" if config.get("fp8") else config["precision"].upper()
 
 
+TABLED = ("sft_throughput", "sft_throughput_sweep", "ppo_step")  # the benchmarks these tables show
+
+
 def runs_of(result: dict) -> list:
     """The SFT rows of a result file (a sweep holds several), each with the file's header."""
     if result["benchmark"] == "ppo_step":
@@ -278,6 +281,10 @@ def main(argv=None) -> int:
             result = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"{path}: not a readable result file ({exc})") from None
+        if result.get("benchmark") not in TABLED:
+            # rollout and packing results have their own rows (bench/rollout.py --rows, bench/README.md)
+            print(f"[summarize] {path}: a {result.get('benchmark')!r} result, not part of these tables; skipped", file=sys.stderr)
+            continue
         runs += runs_of(result)
     # GPU figures first, then CPU smoke runs; SFT before PPO; then by date
     runs.sort(key=lambda r: (not is_gpu(r), r["benchmark"] == "ppo_step", r.get("date", "")))

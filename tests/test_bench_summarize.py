@@ -122,3 +122,12 @@ def test_readme_table_is_rewritten_in_place(tmp_path):
     assert "(CPU smoke)" in rows[3]
     old_header, old_end = _table(original)
     assert new[:header] == original[:old_header] and new[end:] == original[old_end:]  # the rest is untouched
+
+
+def test_the_documented_command_reads_every_committed_result(capsys):
+    """`python bench/summarize.py bench/results/*.json` (bench/README.md): the rollout and packing
+    results, which have their own rows, are skipped with a note instead of stopping it."""
+    files = sorted(str(p) for p in (ROOT / "bench" / "results").glob("*.json"))
+    assert summarize.main(files) == 0
+    out, err = capsys.readouterr()
+    assert "| SFT tiny Llama" in out and "a 'rollout' result, not part of these tables; skipped" in err
