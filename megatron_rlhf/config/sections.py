@@ -253,10 +253,10 @@ class PPOConfig:
     # continuous batching: rows generated at once; a finished response's slot takes the next
     # prompt (0: all of this rank's prompts at once)
     rollout_slots: int = 0
-    # slot groups in flight through the pipeline stages during a rollout (0: the pipeline size,
-    # every stage busy with its own group; 1: the whole batch walks through the stages in turn,
-    # faster where a decode step is bound by reading the weights rather than by compute, as
-    # with small batches: measured on CPU at PP=2, 1 group 1.78x the old engine, 2 groups 1.33x)
+    # slot groups in flight through the pipeline stages during a rollout (0: one per stage when
+    # a rank has >= 512 slots, where a decode step is bound by compute, else 1: the batch walks
+    # through the stages in turn; measured on CPU at PP=2, 16 slots: 1 group 1.78x the old
+    # engine, 2 groups 1.33x, as every group re-reads each stage's weights)
     rollout_micro_batches: int = 0
     # builtin: our engine (rollout/engine.py; any device). dynamic: Megatron-Core's
     # DynamicInferenceEngine (rollout/dynamic.py; CUDA, flash-attn and bf16 weights only)
