@@ -304,7 +304,7 @@ class PPOConfig:
                 )
         _positive("ppo.mini_batch_size", self.mini_batch_size)
         if self.rollout_micro_batches < 0:
-            raise ConfigError(f"ppo.rollout_micro_batches={self.rollout_micro_batches} must be >= 0 (0: the pipeline size)")
+            raise ConfigError(f"ppo.rollout_micro_batches={self.rollout_micro_batches} must be >= 0 (0: one group per pipeline stage from 512 slots, else 1)")
         if self.rollout_slots < 0:
             raise ConfigError(f"ppo.rollout_slots={self.rollout_slots} must be >= 0 (0: every prompt of the rank at once)")
         _positive("ppo.ppo_epochs", self.ppo_epochs)

@@ -14,7 +14,8 @@ from typing import List, Tuple
 import torch
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers, different for every tuple (order counts)."""
     # seed + epoch would make (seed=1, epoch=0) and (seed=0, epoch=1) identical
     digest = hashlib.sha256(":".join(str(int(v)) for v in values).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -27,7 +28,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> List[int
         raise ValueError(f"need n >= 0 and epoch >= 0, got n={n}, epoch={epoch}")
     if not shuffle:
         return list(range(n))
-    generator = torch.Generator().manual_seed(_mix(seed, epoch))
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
     return torch.randperm(n, generator=generator).tolist()
 
 
@@ -42,7 +43,7 @@ def split_holdout(n: int, fraction: float, seed: int) -> Tuple[List[int], List[i
     n_valid = max(1, round(n * fraction))
     if n_valid >= n:
         raise ValueError(f"data.valid_fraction={fraction} leaves no training examples out of {n}")
-    generator = torch.Generator().manual_seed(_mix(seed, -1))
+    generator = torch.Generator().manual_seed(mix_seed(seed, -1))
     picked = torch.randperm(n, generator=generator)[:n_valid]
     valid = sorted(picked.tolist())
     chosen = set(valid)

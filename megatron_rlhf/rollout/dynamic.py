@@ -77,7 +77,6 @@ PPO steps through the recipe). The flash-attn kernels and BF16 only on a GPU
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -86,10 +85,11 @@ from typing import List, Optional, Sequence
 import torch
 
 from megatron_rlhf.config import Config, ConfigError
+from megatron_rlhf.data.sampler import mix_seed
 from megatron_rlhf.models.builder import unwrap
 from megatron_rlhf.rollout.results import Generation
 from megatron_rlhf.rollout.sampling import _check_sampling, prompt_seeds
-from megatron_rlhf.rollout.stage import _check_can_generate
+from megatron_rlhf.rollout.stage import _check_can_generate, _checked_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ def sampling_arguments(temperature: float, top_k: int, top_p: float) -> dict:
 
 def rollout_seed(seeds: Sequence[int]) -> int:
     """One seed for Megatron's single sampling generator, from every prompt's seed (order counts)."""
-    digest = hashlib.sha256(",".join(str(int(s)) for s in seeds).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return mix_seed(*seeds)
 
 
 @dataclass(frozen=True)
@@ -313,20 +312,12 @@ class DynamicRollout:
         if unwrap(model) is not self.model:
             raise ValueError("this DynamicRollout was built for another model; build one per model")
         sampling = sampling_arguments(temperature, top_k, top_p)
-        prompts = [[int(x) for x in p] for p in prompts]
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token (e.g. bos)")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        context = self.max_sequence_length
+        prompts = _checked_prompts(prompts, max_new_tokens, context)
         lengths = [len(p) for p in prompts]
         b = len(prompts)
         if b == 0 or max_new_tokens == 0:
-            return Generation([list(p) for p in prompts], lengths, [0] * b, [False] * b, [[] for _ in prompts])
-        context = self.max_sequence_length
-        too_long = [i for i, n in enumerate(lengths) if n >= context]
-        if too_long:
-            raise ValueError(f"prompt(s) {too_long[:5]} have >= {context} tokens (model.seq_length): no room to generate; "
-                             "truncate prompts to leave room for the response")
+            return Generation.empty(prompts)
         if vocab_size is None:
             vocab_size = getattr(self.model, "rlhf_vocab_size", None)
         seeds = prompt_seeds(b, seeds, generator)

@@ -74,7 +74,7 @@ import torch
 from megatron_rlhf.models.builder import unwrap
 from megatron_rlhf.rollout.results import Generation
 from megatron_rlhf.rollout.sampling import _check_sampling, prompt_seeds, sample_rows
-from megatron_rlhf.rollout.stage import _check_can_generate, _pipeline_rank, _pipeline_size, _Stage
+from megatron_rlhf.rollout.stage import _check_can_generate, _checked_prompts, _pipeline_rank, _pipeline_size, _Stage
 
 # ----------------------------------------------------------------------------- the schedule
 
@@ -351,22 +351,12 @@ def rollout(
     inner = unwrap(model)
     if vocab_size is None:
         vocab_size = getattr(inner, "rlhf_vocab_size", None)
-    prompts = [[int(x) for x in p] for p in prompts]
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. bos)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    context = int(inner.max_sequence_length)
+    prompts = _checked_prompts(prompts, max_new_tokens, context)
     b = len(prompts)
     lengths = [len(p) for p in prompts]
     if b == 0 or max_new_tokens == 0:
-        return Generation([list(p) for p in prompts], lengths, [0] * b, [False] * b, [[] for _ in prompts])
-    context = int(inner.max_sequence_length)
-    too_long = [i for i, n in enumerate(lengths) if n >= context]
-    if too_long:
-        raise ValueError(
-            f"prompt(s) {too_long[:5]} have >= {context} tokens (model.seq_length): no room to generate; "
-            "truncate prompts to leave room for the response"
-        )
+        return Generation.empty(prompts)
     slots = b if slots is None else slots
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")

@@ -49,6 +49,12 @@ class Generation:
     finished: List[bool]
     logprobs: Optional[List[List[float]]] = field(default=None, compare=False)
 
+    @classmethod
+    def empty(cls, prompts: List[List[int]]) -> "Generation":
+        """Every prompt with an empty response (nothing to generate)."""
+        return cls([list(p) for p in prompts], [len(p) for p in prompts], [0] * len(prompts), [False] * len(prompts),
+                   [[] for _ in prompts])
+
     @property
     def responses(self) -> List[List[int]]:
         return [seq[p:] for seq, p in zip(self.sequences, self.prompt_lengths)]

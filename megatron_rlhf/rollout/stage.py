@@ -12,6 +12,24 @@ from megatron_rlhf.models.builder import unwrap
 # ----------------------------------------------------------------------------- the model, layer by layer
 
 
+def _checked_prompts(prompts, max_new_tokens: int, context: int) -> list:
+    """``prompts`` as lists of ints, after the checks every rollout engine makes of its input:
+    a token at least in each, ``max_new_tokens >= 0``, and room in the ``context`` length
+    (``model.seq_length``) for a response when one is asked for."""
+    prompts = [[int(x) for x in p] for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. bos)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    too_long = [i for i, p in enumerate(prompts) if len(p) >= context] if max_new_tokens > 0 else []
+    if too_long:
+        raise ValueError(
+            f"prompt(s) {too_long[:5]} have >= {context} tokens (model.seq_length): no room to generate; "
+            "truncate prompts to leave room for the response"
+        )
+    return prompts
+
+
 def _check_can_generate(model) -> None:
     inner = unwrap(model)
     if getattr(inner, "rlhf_scalar_head", False):
